@@ -1,0 +1,6 @@
+"""Tasks: examples, splits, readers (BIG-bench, JSONL, Hugging Face datasets) and batching."""
+
+from quiver.data.registry import TaskInfo, list_bigbench, load_task
+from quiver.data.task import Example, SplitConfig, Task
+
+__all__ = ["Example", "SplitConfig", "Task", "TaskInfo", "list_bigbench", "load_task"]

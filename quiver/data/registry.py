@@ -1,0 +1,65 @@
+"""Resolve a task name to a `Task`, and list the tasks that are available.
+
+Names: `bigbench:NAME[/SUB]`, `jsonl:PATH`, `hf:PATH[#TASK]`. A bare name is tried as a
+BIG-bench task, so `arithmetic` means `bigbench:arithmetic`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from quiver.data import bigbench, hf, jsonl
+from quiver.data.task import Task
+from quiver.errors import QuiverError
+
+_READERS = {bigbench.PREFIX: bigbench.load, jsonl.PREFIX: jsonl.load, hf.PREFIX: hf.load}
+
+
+def load_task(name: str) -> Task:
+    """Read a task by name.
+
+    Raises:
+        QuiverError: unknown task, or a task with no examples.
+    """
+    name = name.strip()
+    if not any(name.startswith(prefix) for prefix in _READERS):
+        name = bigbench.PREFIX + name
+    prefix = next(p for p in _READERS if name.startswith(p))
+    task = _READERS[prefix](name)
+    if not task.examples:
+        raise QuiverError(f"task {name!r} has no usable examples")
+    return task
+
+
+@dataclass
+class TaskInfo:
+    """One row of `quiver tasks ls`."""
+
+    name: str
+    kind: str
+    examples: int
+    description: str
+
+
+def list_bigbench(cache_file: Path, progress=None) -> list[TaskInfo]:
+    """Every BIG-bench task with its kind and size, from an index built once and cached.
+
+    `progress`, if given, is called with (done, total) while the index is built.
+    """
+    if cache_file.exists():
+        return [TaskInfo(**row) for row in json.loads(cache_file.read_text())]
+    rows = []
+    names = bigbench.task_names()
+    for done, name in enumerate(names, start=1):
+        task = bigbench.load(name)
+        rows.append(TaskInfo(name, task.kind, len(task.examples), task.description[:100]))
+        if progress:
+            progress(done, len(names))
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    staging = cache_file.with_suffix(f".tmp{os.getpid()}")
+    staging.write_text(json.dumps([asdict(r) for r in rows]))
+    staging.replace(cache_file)
+    return rows
