@@ -55,19 +55,15 @@ def training_progress(total_steps: int, enabled: bool = True) -> Iterator[_Bar]:
 
 
 @contextmanager
-def simple_progress(description: str, total: int, enabled: bool = True) -> Iterator:
-    """A plain bar; yields a function `advance(n=1)`."""
+def counting_progress(description: str, enabled: bool = True) -> Iterator:
+    """A plain bar; yields a function `update(done, total)`."""
     if not enabled:
-        yield lambda n=1: None
+        yield lambda done, total: None
         return
     progress = Progress(
-        TextColumn(f"[bold]{description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
+        TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
     )
     with progress:
-        task_id = progress.add_task(description, total=total)
-        yield lambda n=1: progress.update(task_id, advance=n)
+        task_id = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task_id, completed=done, total=total)

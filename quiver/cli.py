@@ -1,0 +1,195 @@
+"""`quiver ...`: a thin command line over the library's public functions.
+
+Every subcommand is a few lines that call one function. Bad input raises `QuiverError`, which
+`main` prints as one line and turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import sys
+import typing
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quiver.config import from_dict
+from quiver.errors import QuiverError
+from quiver.models import DEFAULT_MODEL
+
+app = typer.Typer(help="Train, keep and reuse a library of LoRA experts.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+tasks_app = typer.Typer(help="List the tasks quiver can read.", no_args_is_help=True)
+library_app = typer.Typer(help="Inspect and manage an expert library.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+app.add_typer(library_app, name="library")
+console = Console()
+
+
+def main() -> None:
+    """Console-script entry point: one clear line and exit code 2 for bad input."""
+    try:
+        app()
+    except QuiverError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+
+
+def config_options(cls: type):
+    """Add every field of config dataclass `cls` as a `--option`, and pass `config=cls(...)`.
+
+    The options' names, defaults and help come from the dataclass, so the CLI and the Python
+    API cannot drift apart.
+    """
+    hints = typing.get_type_hints(cls)
+
+    def decorate(func):
+        signature = inspect.signature(func)
+        params = [p for p in signature.parameters.values() if p.name != "config"]
+        names = []
+        for f in dataclasses.fields(cls):
+            annotation, default = hints[f.name], f.default
+            if typing.get_origin(annotation) is tuple:  # typer wants lists for repeated options
+                annotation, default = list[str], list(default)
+            option = typer.Option(default, "--" + f.name.replace("_", "-"),
+                                  help=f.metadata.get("help", ""))
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=option, annotation=annotation))
+            names.append(f.name)
+
+        @functools.wraps(func)
+        def wrapper(**kwargs):
+            values = {n: kwargs.pop(n) for n in names}
+            return func(config=from_dict(cls, values), **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=params)
+        del wrapper.__wrapped__  # typer must see the new signature, not func's
+        return wrapper
+
+    return decorate
+
+
+# --------------------------------------------------------------------------- train
+from quiver.training import TrainConfig  # noqa: E402  (after app, to keep the CLI at the top)
+
+
+@app.command()
+@config_options(TrainConfig)
+def train(
+    task: list[str] = typer.Option(..., "--task", help="task name; repeat for a multi-task expert"),
+    library: str = typer.Option(..., "--library", help="library folder or fsspec URL"),
+    name: str = typer.Option(..., "--name", help="name of the new expert"),
+    base: str = typer.Option(DEFAULT_MODEL, "--base", help="base model name, folder or HF id"),
+    overwrite: bool = typer.Option(False, help="replace an existing expert of that name"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+    config: TrainConfig = None,
+) -> None:
+    """Train one LoRA expert on one or more tasks and add it to a library."""
+    from quiver.recipes import train_into_library
+
+    expert, result = train_into_library(task, library, name, base, config, overwrite, not quiet)
+    console.print(
+        f"added [bold]{expert.name}[/] to {library}: {result.steps} steps, "
+        f"{result.tokens_per_second:,.0f} tokens/s, best valid loss "
+        f"{result.best_valid_loss:.4f} at step {result.best_step}"
+    )
+
+
+# --------------------------------------------------------------------------- tasks
+@tasks_app.command("ls")
+def tasks_ls(
+    kind: str = typer.Option(None, help="mc (multiple choice) or gen (generative)"),
+    min_examples: int = typer.Option(0, help="only tasks with at least this many examples"),
+    source: str = typer.Option("bigbench", help="'bigbench' or a Flan-layout dataset hf:PATH"),
+    contains: str = typer.Option(None, help="only names containing this text"),
+) -> None:
+    """List available tasks with their kind and number of examples."""
+    from quiver.recipes import available_tasks
+
+    rows = available_tasks(source, kind, min_examples, contains)
+    table = Table("task", "kind", "examples", "description", title=f"{len(rows)} tasks")
+    for row in rows:
+        table.add_row(row.name, row.kind, str(row.examples), row.description)
+    console.print(table)
+
+
+# ------------------------------------------------------------------------- library
+@library_app.command("ls")
+def library_ls(url: str = typer.Argument(..., help="library folder or fsspec URL")) -> None:
+    """List the experts of a library (reads metadata only)."""
+    from quiver.library import Library
+    from quiver.report import library_table
+
+    console.print(library_table(Library(url)))
+
+
+@library_app.command("show")
+def library_show(url: str, name: str) -> None:
+    """Show one expert's metadata."""
+    from quiver.library import Library
+
+    expert = Library(url).get(name)
+    console.print_json(data={"info": expert.info.__dict__, "adapter_config": expert.adapter_config})
+
+
+@library_app.command("import-peft")
+def library_import_peft(
+    url: str,
+    path: str,
+    name: str = typer.Option(..., "--name"),
+    task: list[str] = typer.Option([], "--task", help="task(s) the adapter was trained on"),
+    base: str = typer.Option(None, "--base", help="base model, if the library is still empty"),
+) -> None:
+    """Add a PEFT LoRA adapter folder to a library."""
+    from quiver.library import Library
+
+    expert = Library(url, create=True).import_peft(path, name, tasks=task, base_model=base)
+    console.print(f"imported [bold]{expert.name}[/] into {url}")
+
+
+@library_app.command("export-peft")
+def library_export_peft(url: str, name: str, out: Path) -> None:
+    """Write an expert as a PEFT adapter folder (loadable by PeftModel.from_pretrained)."""
+    from quiver.library import Library
+
+    Library(url).export_peft(name, str(out))
+    console.print(f"exported [bold]{name}[/] to {out}")
+
+
+@library_app.command("rm")
+def library_rm(url: str, name: str) -> None:
+    """Remove an expert."""
+    from quiver.library import Library
+
+    Library(url).remove(name)
+    console.print(f"removed [bold]{name}[/] from {url}")
+
+
+@library_app.command("rename")
+def library_rename(url: str, old: str, new: str) -> None:
+    """Rename an expert."""
+    from quiver.library import Library
+
+    Library(url).rename(old, new)
+    console.print(f"renamed [bold]{old}[/] to [bold]{new}[/]")
+
+
+# ---------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    library: str = typer.Option("demo-library", help="where to put the demo's library"),
+    steps: int = typer.Option(30, help="training steps per expert"),
+    fresh: bool = typer.Option(False, help="retrain experts that already exist"),
+) -> None:
+    """Train a few experts on BIG-bench tasks with the real SmolLM2 model, show the library."""
+    from quiver.demo import run_demo
+
+    run_demo(library, steps, fresh, console)
+
+
+if __name__ == "__main__":
+    main()

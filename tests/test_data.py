@@ -1,0 +1,138 @@
+import ast
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from quiver.data import Example, SplitConfig, Task, load_task
+from quiver.data import bigbench
+from quiver.errors import QuiverError
+
+
+def _bigbench_format_fn():
+    """BIG-bench's own `default_format_fn`, taken from its source without importing TensorFlow."""
+    source = (bigbench.tasks_root().parent / "api" / "json_task.py").read_text()
+    tree = ast.parse(source)
+    node = next(n for n in tree.body
+                if isinstance(n, ast.FunctionDef) and n.name == "default_format_fn")
+    namespace = {"np": np, "Dict": dict, "Any": Any}
+    exec(compile(ast.Module([node], []), "json_task.py", "exec"), namespace)
+    return namespace["default_format_fn"]
+
+
+@pytest.mark.parametrize("name", ["bigbench:arithmetic/1_digit_addition", "bigbench:navigate",
+                                  "bigbench:abstract_narrative_understanding/4_distractors"])
+def test_bigbench_prompts_match_bigbench_own_formatting(name):
+    format_fn = _bigbench_format_fn()
+    folder = bigbench.tasks_root() / name.removeprefix("bigbench:")
+    data = json.loads((folder / "task.json").read_text())
+    task = load_task(name)
+    for raw, ours in list(zip(data["examples"], task.examples, strict=False))[:20]:
+        expected = format_fn(
+            dict(raw),
+            input_prefix=data.get("example_input_prefix", "\nQ: "),
+            output_prefix=data.get("example_output_prefix", "\nA: "),
+            choice_prefix=data.get("choice_prefix", "\n  choice: "),
+            random_seed=42,
+            append_choices_to_input=data.get("append_choices_to_input", True),
+        )
+        assert ours.prompt == data.get("task_prefix", "") + expected["input"]
+        assert ours.target == expected["target"][0]
+        assert list(ours.options) == expected["choice"]
+        assert ours.options[ours.answer] == ours.target
+
+
+def test_bigbench_generative_task_keeps_all_references():
+    task = load_task("bigbench:object_counting")
+    assert task.kind == "gen" and task.examples[0].options is None
+    assert task.examples[0].references[0] == task.examples[0].target
+
+
+def test_bigbench_parent_is_union_of_subtasks_and_bare_names_work():
+    parent = load_task("logical_deduction")
+    subs = [load_task(f"bigbench:logical_deduction/{n}_objects") for n in ("three", "five", "seven")]
+    assert parent.name == "bigbench:logical_deduction" and parent.kind == "mc"
+    assert len(parent.examples) == sum(len(s.examples) for s in subs)
+
+
+def test_bigbench_subtask_names_are_listed():
+    names = bigbench.task_names()
+    assert "bigbench:arithmetic/1_digit_addition" in names and len(names) > 1000
+
+
+@pytest.mark.parametrize("bad", ["bigbench:no_such_task", "no_such_task", "bigbench:../..", ""])
+def test_unknown_task_is_a_clear_error(bad):
+    with pytest.raises(QuiverError, match="unknown"):
+        load_task(bad)
+
+
+def test_splits_are_deterministic_disjoint_and_capped():
+    task = Task("t", [Example(f"p{i}", f"t{i}") for i in range(1000)], kind="gen")
+    config = SplitConfig(max_train=500, max_valid=50)
+    parts = {p: [e.prompt for e in task.split(p, config)] for p in ("train", "valid", "test")}
+    assert len(parts["test"]) == 200 and len(parts["valid"]) == 50 and len(parts["train"]) == 500
+    assert not set(parts["train"]) & set(parts["test"])
+    assert not set(parts["valid"]) & (set(parts["test"]) | set(parts["train"]))
+    assert parts["test"] == [e.prompt for e in task.split("test", config)]
+    other_seed = [e.prompt for e in task.split("test", SplitConfig(seed=1))]
+    assert other_seed != parts["test"]
+    # raising the train cap never moves an example out of the test split
+    assert [e.prompt for e in task.split("test", SplitConfig())] == parts["test"]
+
+
+def test_jsonl_reader_reads_generative_and_multiple_choice(tmp_path):
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text('{"prompt": "2+2=", "target": "4"}\n\n{"prompt": "3+3=", "target": "6"}\n')
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text('{"prompt": "Sky?", "options": ["blue", "red"], "answer": 0}\n')
+    task = load_task(f"jsonl:{gen}")
+    assert task.kind == "gen" and [e.target for e in task.examples] == ["4", "6"]
+    task = load_task(f"jsonl:{mc}")
+    assert task.kind == "mc" and task.examples[0].target == "blue"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", "not a valid example"),
+    ('{"target": "x"}', "not a valid example"),
+    ('{"prompt": "p", "options": ["a"], "answer": 3}', "not an index"),
+])
+def test_jsonl_reader_rejects_bad_lines(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(QuiverError, match=message):
+        load_task(f"jsonl:{path}")
+
+
+def test_empty_task_is_a_clear_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(QuiverError, match="no usable examples"):
+        load_task(f"jsonl:{path}")
+
+
+def test_hf_flan_layout_dataset_from_disk(tmp_path):
+    import datasets
+
+    rows = {"source": ["a1", "b1", "a2"], "target": ["A1", "B1", "A2"],
+            "task_name": ["task_a", "task_b", "task_a"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "flan"))
+    task = load_task(f"hf:{tmp_path / 'flan'}#task_a")
+    assert [(e.prompt, e.target) for e in task.examples] == [("a1", "A1"), ("a2", "A2")]
+    from quiver.data import hf
+
+    assert hf.task_names(f"hf:{tmp_path / 'flan'}") == [
+        f"hf:{tmp_path / 'flan'}#task_a", f"hf:{tmp_path / 'flan'}#task_b"]
+    with pytest.raises(QuiverError, match="no usable examples"):
+        load_task(f"hf:{tmp_path / 'flan'}#task_c")
+
+
+def test_hf_dataset_without_flan_columns_is_refused(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["x"]}).save_to_disk(str(tmp_path / "plain"))
+    with pytest.raises(QuiverError, match="Flan columns"):
+        load_task(f"hf:{tmp_path / 'plain'}")
+    with pytest.raises(QuiverError, match="cannot open dataset"):
+        load_task(f"hf:{Path(tmp_path) / 'missing'}")

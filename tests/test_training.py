@@ -1,0 +1,169 @@
+import dataclasses
+
+import pytest
+import torch
+
+import quiver.training as training
+from quiver.data.batching import collate, tokenize_example
+from quiver.errors import QuiverError
+from quiver.models import fingerprint
+from quiver.training import TrainConfig, target_only_loss, train_expert
+
+from .conftest import QUICK, make_task, new_library
+
+
+def test_target_only_loss_equals_the_full_logits_loss(tiny, toy_task):
+    model, tokenizer = tiny
+    examples = [tokenize_example(tokenizer, e, 64) for e in toy_task.examples[:5]]
+    batch = collate(examples, tokenizer.pad_token_id)
+    reference = model(**batch).loss  # transformers' own causal-LM loss over all logits
+    torch.testing.assert_close(target_only_loss(model, batch), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_training_lowers_validation_loss_and_leaves_base_model_unchanged(tiny, toy_task):
+    model, tokenizer = tiny
+    before = fingerprint(model)
+    config = dataclasses.replace(QUICK, steps=30, eval_every=10, lr=5e-3)
+    expert, result = train_expert(model, tokenizer, [toy_task], "toy", config,
+                                  show_progress=False)
+    losses = [h["valid_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert result.best_valid_loss == min(losses)
+    assert fingerprint(model) == before
+    assert not any("lora" in n for n, _ in model.named_modules())
+    assert expert.info.tasks == ["toy:copy"] and expert.info.base_fingerprint == before
+    assert expert.adapter_config["r"] == 4 and expert.adapter_config["peft_type"] == "LORA"
+    assert len(expert.lora_factors()) == 2 * 7  # 2 layers x 7 modules
+
+
+def test_the_best_checkpoint_is_kept(tiny, toy_task, monkeypatch):
+    model, tokenizer = tiny
+    scripted = iter([3.0, 1.0, 2.0])  # validation losses at steps 2, 4, 6
+    snapshots = {}
+    real_lora_weights = training._lora_weights
+
+    def fake_validate(peft_model, *args):
+        loss = next(scripted)
+        snapshots[loss] = real_lora_weights(peft_model)
+        return loss
+
+    monkeypatch.setattr(training, "_validate", fake_validate)
+    config = dataclasses.replace(QUICK, steps=6, eval_every=2)
+    expert, result = train_expert(model, tokenizer, [toy_task], "toy", config,
+                                  show_progress=False)
+    assert result.best_step == 4 and result.best_valid_loss == 1.0
+    for key, value in snapshots[1.0].items():
+        torch.testing.assert_close(expert.weights[key], value)
+
+
+def test_training_is_reproducible(tiny, toy_task):
+    model, tokenizer = tiny
+    first, _ = train_expert(model, tokenizer, [toy_task], "a", QUICK, show_progress=False)
+    second, _ = train_expert(model, tokenizer, [toy_task], "b", QUICK, show_progress=False)
+    other, _ = train_expert(model, tokenizer, [toy_task], "c",
+                            dataclasses.replace(QUICK, seed=7), show_progress=False)
+    for key in first.weights:
+        assert torch.equal(first.weights[key], second.weights[key])
+    assert any(not torch.equal(first.weights[k], other.weights[k]) for k in first.weights)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tiny, toy_task, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    library = new_library(tmp_path / "lib", model)
+    config = dataclasses.replace(QUICK, steps=8, eval_every=3)
+    uninterrupted, _ = train_expert(model, tokenizer, [toy_task], "x", config,
+                                    show_progress=False)
+    real_factor = training._lr_factor
+
+    def crash_at_step_7(step, steps, warmup):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_factor(step, steps, warmup)
+
+    monkeypatch.setattr(training, "_lr_factor", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(model, tokenizer, [toy_task], "x", config,
+                     run_state=library.run_state("x"), show_progress=False)
+    saved = library.run_state("x").read()
+    assert saved is not None and saved[1]["step"] == 6
+    assert not any("lora" in n for n, _ in model.named_modules())  # unwrapped even on a crash
+    monkeypatch.setattr(training, "_lr_factor", real_factor)
+    resumed, result = train_expert(model, tokenizer, [toy_task], "x", config,
+                                   run_state=library.run_state("x"), show_progress=False)
+    for key in uninterrupted.weights:
+        torch.testing.assert_close(resumed.weights[key], uninterrupted.weights[key],
+                                   rtol=0, atol=0)
+    assert library.run_state("x").read() is None  # cleared once the expert is done
+    assert result.steps == 8
+
+
+def test_resuming_with_another_config_is_refused(tiny, toy_task, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    library = new_library(tmp_path / "lib", model)
+    monkeypatch.setattr(training, "_lr_factor", _crash_after(4))
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(model, tokenizer, [toy_task], "x", dataclasses.replace(QUICK, eval_every=2),
+                     run_state=library.run_state("x"), show_progress=False)
+    monkeypatch.undo()
+    with pytest.raises(QuiverError, match="another config"):
+        train_expert(model, tokenizer, [toy_task], "x", dataclasses.replace(QUICK, rank=8),
+                     run_state=library.run_state("x"), show_progress=False)
+
+
+def _crash_after(n):
+    real = training._lr_factor
+
+    def factor(step, steps, warmup):
+        if step >= n:
+            raise KeyboardInterrupt
+        return real(step, steps, warmup)
+
+    return factor
+
+
+def test_several_tasks_train_one_multitask_expert(tiny):
+    model, tokenizer = tiny
+    tasks = [make_task("toy:a", 30), make_task("toy:b", 30)]
+    config = dataclasses.replace(QUICK, epochs=1.0, batch_size=7)
+    expert, result = train_expert(model, tokenizer, tasks, "ab", config, show_progress=False)
+    assert expert.info.tasks == ["toy:a", "toy:b"]
+    assert expert.info.training["train_examples"] == 2 * 21  # 70% of each task
+    assert result.steps == 6  # ceil(42 / 7)
+
+
+def test_unknown_target_module_is_a_clear_error(tiny, toy_task):
+    model, tokenizer = tiny
+    config = dataclasses.replace(QUICK, target_modules=("q_proj", "w_in"))
+    with pytest.raises(QuiverError, match="target-module mismatch"):
+        train_expert(model, tokenizer, [toy_task], "x", config, show_progress=False)
+
+
+def test_a_task_without_training_examples_is_refused(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(QuiverError, match="no training examples"):
+        train_expert(model, tokenizer, [make_task("toy:none", 0)], "x", QUICK, show_progress=False)
+
+
+def test_train_config_round_trips_through_json_and_validates():
+    from quiver.config import from_dict, to_dict
+
+    config = TrainConfig(rank=8, target_modules=("q_proj", "v_proj"))
+    assert from_dict(TrainConfig, to_dict(config)) == config
+    with pytest.raises(QuiverError, match="no field"):
+        from_dict(TrainConfig, {"rnak": 3})
+    with pytest.raises(QuiverError, match="invalid TrainConfig"):
+        from_dict(TrainConfig, {"rank": 0})
+
+
+@pytest.mark.integration
+def test_real_model_trains_on_a_real_bigbench_task():
+    from quiver.data import load_task
+    from quiver.models import load_base
+
+    model, tokenizer = load_base("smollm2-135m", device="cpu")
+    task = load_task("bigbench:sports_understanding")
+    config = TrainConfig(steps=4, eval_every=2, batch_size=4, max_length=128, eval_examples=16,
+                         lr=1e-3)
+    expert, result = train_expert(model, tokenizer, [task], "sports", config, show_progress=False)
+    assert result.tokens > 0 and len(expert.lora_factors()) == 30 * 7
+    assert result.history[-1]["valid_loss"] < result.history[0]["valid_loss"] + 0.5
