@@ -11,6 +11,7 @@ import functools
 import inspect
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 import typer
@@ -32,6 +33,7 @@ console = Console()
 
 def main() -> None:
     """Console-script entry point: one clear line and exit code 2 for bad input."""
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations
     try:
         app()
     except QuiverError as err:

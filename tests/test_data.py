@@ -6,8 +6,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from quiver.data import Example, SplitConfig, Task, load_task
-from quiver.data import bigbench
+from quiver.data import Example, SplitConfig, Task, bigbench, load_task
 from quiver.errors import QuiverError
 
 
@@ -52,7 +51,8 @@ def test_bigbench_generative_task_keeps_all_references():
 
 def test_bigbench_parent_is_union_of_subtasks_and_bare_names_work():
     parent = load_task("logical_deduction")
-    subs = [load_task(f"bigbench:logical_deduction/{n}_objects") for n in ("three", "five", "seven")]
+    subs = [load_task(f"bigbench:logical_deduction/{n}_objects")
+            for n in ("three", "five", "seven")]
     assert parent.name == "bigbench:logical_deduction" and parent.kind == "mc"
     assert len(parent.examples) == sum(len(s.examples) for s in subs)
 

@@ -3,7 +3,7 @@
 A task is `bigbench:NAME`; a subtask is `bigbench:PARENT/SUB`; a parent with subtasks is the
 union of its subtasks. Prompts are formatted as BIG-bench's own `default_format_fn` does:
 
-    task_prefix + example_input_prefix + input [+ choice_prefix + choice ...] + example_output_prefix
+    task_prefix + input_prefix + input [+ choice_prefix + choice ...] + output_prefix
 
 with its defaults ("\\nQ: ", "\\nA: ", "\\n  choice: ") and its choice order (a permutation of
 the sorted choices drawn from `numpy.random.RandomState(42)`, as BIG-bench's JsonTask does).
@@ -46,6 +46,21 @@ def task_names() -> list[str]:
         relative = path.parent.relative_to(root).as_posix()
         names.append(PREFIX + relative)
     return names
+
+
+def subtask_names(name: str) -> list[str]:
+    """The subtasks of a parent task (empty for a task with its own examples)."""
+    folder = tasks_root() / name.removeprefix(PREFIX)
+    if "examples" in _read_json(folder / "task.json"):
+        return []
+    return [PREFIX + p.parent.relative_to(tasks_root()).as_posix()
+            for p in sorted(folder.glob("*/task.json"))]
+
+
+def load_description(name: str) -> str:
+    """The first 100 characters of a task's description."""
+    data = _read_json(tasks_root() / name.removeprefix(PREFIX) / "task.json")
+    return str(data.get("description", ""))[:100]
 
 
 def load(name: str) -> Task:

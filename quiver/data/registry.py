@@ -51,13 +51,22 @@ def list_bigbench(cache_file: Path, progress=None) -> list[TaskInfo]:
     """
     if cache_file.exists():
         return [TaskInfo(**row) for row in json.loads(cache_file.read_text())]
-    rows = []
+    rows: dict[str, TaskInfo] = {}
     names = bigbench.task_names()
-    for done, name in enumerate(names, start=1):
-        task = bigbench.load(name)
-        rows.append(TaskInfo(name, task.kind, len(task.examples), task.description[:100]))
+    # subtasks sort after their parent: read the leaves first, then sum them up for parents
+    for done, name in enumerate(sorted(names, key=lambda n: -n.count("/")), start=1):
+        subtasks = bigbench.subtask_names(name)
+        if subtasks:
+            parts = [rows[s] for s in subtasks]
+            kind = "mc" if all(p.kind == "mc" for p in parts) else "gen"
+            description = bigbench.load_description(name)
+            rows[name] = TaskInfo(name, kind, sum(p.examples for p in parts), description)
+        else:
+            task = bigbench.load(name)
+            rows[name] = TaskInfo(name, task.kind, len(task.examples), task.description[:100])
         if progress:
             progress(done, len(names))
+    rows = [rows[n] for n in names]
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     staging = cache_file.with_suffix(f".tmp{os.getpid()}")
     staging.write_text(json.dumps([asdict(r) for r in rows]))
