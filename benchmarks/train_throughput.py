@@ -130,6 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-task", type=int, default=48)
     parser.add_argument("--variants", nargs="*", default=VARIANTS)
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per variant")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = parser.parse_args()
     if args.one:
@@ -138,7 +139,12 @@ def main() -> None:
     rows = []
     for variant in args.variants:
         command = [sys.executable, __file__, "--one", variant, "--per-task", str(args.per_task)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            rows.append({"variant": variant, "error": f"not finished in {args.timeout} s"})
+            print(rows[-1], flush=True)
+            continue
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"{variant} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -170,7 +176,7 @@ def _write(rows: list[dict], args) -> None:
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['variant']} | {r['error']} | | | | |")
             continue
         ratio = r["tokens_per_second"] / baseline["tokens_per_second"] if baseline else float("nan")
         lines.append(f"| {r['variant']} | {r['steps']} | {r['tokens']} | "

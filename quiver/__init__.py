@@ -1,0 +1,24 @@
+"""quiver: train, keep and reuse a library of LoRA experts (modular language models)."""
+
+from quiver.data import Example, SplitConfig, Task, load_task
+from quiver.errors import QuiverError
+from quiver.library import Expert, ExpertInfo, Library
+from quiver.models import fingerprint, linear_module_shapes, load_base
+from quiver.training import TrainConfig, TrainResult, train_expert
+
+__all__ = [
+    "Example",
+    "Expert",
+    "ExpertInfo",
+    "Library",
+    "QuiverError",
+    "SplitConfig",
+    "Task",
+    "TrainConfig",
+    "TrainResult",
+    "fingerprint",
+    "linear_module_shapes",
+    "load_base",
+    "load_task",
+    "train_expert",
+]

@@ -86,6 +86,7 @@ def train(
     library: str = typer.Option(..., "--library", help="library folder or fsspec URL"),
     name: str = typer.Option(..., "--name", help="name of the new expert"),
     base: str = typer.Option(DEFAULT_MODEL, "--base", help="base model name, folder or HF id"),
+    dtype: str = typer.Option("auto", help="base weights: auto (GPU bf16, CPU fp32), fp32, bf16"),
     overwrite: bool = typer.Option(False, help="replace an existing expert of that name"),
     quiet: bool = typer.Option(False, help="no progress bar"),
     config: TrainConfig = None,
@@ -93,7 +94,8 @@ def train(
     """Train one LoRA expert on one or more tasks and add it to a library."""
     from quiver.recipes import train_into_library
 
-    expert, result = train_into_library(task, library, name, base, config, overwrite, not quiet)
+    expert, result = train_into_library(task, library, name, base, config, overwrite, not quiet,
+                                        dtype=dtype)
     console.print(
         f"added [bold]{expert.name}[/] to {library}: {result.steps} steps, "
         f"{result.tokens_per_second:,.0f} tokens/s, best valid loss "

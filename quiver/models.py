@@ -37,14 +37,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QUIVER_CACHE", Path.home() / ".cache" / "quiver"))
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def pick_device_and_dtype(
-    device: str | None = None, dtype: torch.dtype | None = None
+    device: str | None = None, dtype: torch.dtype | str | None = None
 ) -> tuple[torch.device, torch.dtype]:
-    """A GPU with bf16 when there is one, else the CPU in fp32 (bf16 training is slower there)."""
+    """A GPU with bf16 when there is one, else the CPU in fp32.
+
+    `dtype` may be a torch dtype, "fp32", "bf16", "fp16" or "auto"/None. On the CPU, fp32 stays
+    the default because it is exact; bf16 base weights train faster on CPUs with bf16 units
+    (see benchmarks/results/train_throughput.md) and are one flag away.
+    """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if dtype is None:
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in _DTYPES:
+            raise QuiverError(f"unknown dtype {dtype!r}: use auto, {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if dtype is None or dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, dtype
 
@@ -52,7 +64,7 @@ def pick_device_and_dtype(
 def load_base(
     name_or_path: str = DEFAULT_MODEL,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a base causal LM and its tokenizer.
 

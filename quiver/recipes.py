@@ -22,6 +22,7 @@ def train_into_library(
     overwrite: bool = False,
     show_progress: bool = True,
     model_and_tokenizer=None,
+    dtype: str = "auto",
 ) -> tuple[Expert, TrainResult]:
     """Train an expert on `task_names` and add it to the library at `library_url`.
 
@@ -33,10 +34,14 @@ def train_into_library(
         QuiverError: unknown or empty task, a taken name, or a library for another base.
     """
     tasks = [load_task(t) for t in task_names]
-    library = Library(library_url, create=True)
-    if name in library and not overwrite:
+    try:
+        existing = Library(library_url)
+    except QuiverError:
+        existing = None  # created below, once the base model has loaded
+    if existing is not None and name in existing and not overwrite:
         raise QuiverError(f"an expert named {name!r} already exists in {library_url}")
-    model, tokenizer = model_and_tokenizer or load_base(base)
+    model, tokenizer = model_and_tokenizer or load_base(base, dtype=dtype)
+    library = existing or Library(library_url, create=True)
     library.ensure_base(base, fingerprint(model), linear_module_shapes(model))
     expert, result = train_expert(model, tokenizer, tasks, name, config,
                                   run_state=library.run_state(name), show_progress=show_progress)

@@ -90,8 +90,11 @@ class Expert:
 
     @property
     def scaling(self) -> float:
-        """alpha / r, the factor of the update s * B A."""
-        return self.adapter_config["lora_alpha"] / self.adapter_config["r"]
+        """The factor s of the update s * B A: alpha / r (alpha / sqrt(r) with rsLoRA)."""
+        rank = self.adapter_config["r"]
+        if self.adapter_config.get("use_rslora"):
+            return self.adapter_config["lora_alpha"] / rank**0.5
+        return self.adapter_config["lora_alpha"] / rank
 
     def __repr__(self) -> str:
         return f"Expert({self.name!r}, tasks={self.info.tasks}, rank={self.adapter_config['r']})"
