@@ -4,6 +4,7 @@ from quiver.data import Example, SplitConfig, Task, load_task
 from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo, Library
 from quiver.models import fingerprint, linear_module_shapes, load_base
+from quiver.reuse import reuse
 from quiver.training import TrainConfig, TrainResult, train_expert
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "linear_module_shapes",
     "load_base",
     "load_task",
+    "reuse",
     "train_expert",
 ]

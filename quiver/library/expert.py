@@ -84,6 +84,11 @@ class Expert:
             self._weights = self._load_weights()
         return self._weights
 
+    def drop_weights(self) -> None:
+        """Free the loaded weights (they are read again on next use, if they came from storage)."""
+        if self._load_weights is not None:
+            self._weights = None
+
     def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """`{module name: (A (r, in), B (out, r))}`, module names as in the base model."""
         return lora_factors(self.weights)

@@ -1,0 +1,84 @@
+"""`quiver.reuse`: a library's experts routed inside a base model, zero-shot.
+
+    model = quiver.reuse(model, library, method="arrow", top_k=4)
+    model.generate(...)                      # still the transformers model, now routed
+
+The model is changed in place (its adapted linear layers become `RoutedLinear`) and returned;
+`quiver.routing.detach_experts(model)` restores it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from quiver.errors import QuiverError
+from quiver.library import Library
+from quiver.models import fingerprint
+from quiver.routing import (
+    ArrowRouter,
+    MixtureStrategy,
+    RoutingContext,
+    UniformRouter,
+    attach_experts,
+)
+from quiver.transforms.arrow import library_prototypes
+
+METHODS = ("arrow", "uniform")
+
+
+def reuse(
+    model: nn.Module,
+    library: Library,
+    method: str = "arrow",
+    experts: list[str] | None = None,
+    top_k: int = 4,
+    temperature: float = 1.0,
+    mixture: str | None = None,
+) -> nn.Module:
+    """Attach the library's experts (all by default) to `model`, routed by `method`.
+
+    Raises:
+        QuiverError: unknown method or expert, or a library made for another base model.
+    """
+    names = library.names() if experts is None else list(experts)
+    check_same_base(model, library, names)
+    if method == "arrow":
+        router, keys = ArrowRouter(top_k, temperature), library_prototypes(library, names)
+    elif method == "uniform":
+        router, keys = UniformRouter(), None
+    else:
+        raise QuiverError(f"unknown routing method {method!r}: use one of {METHODS}")
+    context = attach_experts(model, library.experts(names), router, keys,
+                             MixtureStrategy(fixed=mixture))
+    model.quiver_routing = context
+    return model
+
+
+def routing_context(model: nn.Module) -> RoutingContext:
+    """The routing state of a model returned by `reuse`."""
+    context = getattr(model, "quiver_routing", None)
+    if context is None:
+        raise QuiverError("this model has no experts attached (use quiver.reuse)")
+    return context
+
+
+def check_same_base(model: nn.Module, library: Library, names: list[str]) -> None:
+    """Refuse experts trained on another base model than `model`.
+
+    Raises:
+        QuiverError: an unknown expert, or a base-model fingerprint that does not match.
+    """
+    base = library.base
+    if base is None:
+        raise QuiverError(f"library {library.url} has no experts")
+    model_print = fingerprint(model)
+    if base["fingerprint"] != model_print:
+        raise QuiverError(
+            f"library {library.url} holds experts for base model {base['name']!r} "
+            f"(fingerprint {base['fingerprint']}); this model's fingerprint is {model_print}"
+        )
+    for name in names:
+        info = library.get(name).info
+        if info.base_fingerprint not in (None, model_print):
+            raise QuiverError(f"expert {name!r} was trained on another base model "
+                              f"({info.base_model}, {info.base_fingerprint})")

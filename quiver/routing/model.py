@@ -1,0 +1,170 @@
+"""Turning a transformers model into a routed multi-expert model, and back.
+
+`attach_experts` replaces every linear layer that at least one expert adapts by a
+`RoutedLinear` holding those experts' factors, stacked once. The model stays the same
+transformers object, so `model(input_ids=...)`, `generate` (with its KV cache), `.eval()` and
+`.to()` keep working. `detach_experts` puts the original layers back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quiver.errors import QuiverError
+from quiver.library import Expert
+from quiver.routing.layer import MixtureStrategy, RoutedLinear
+
+
+@dataclass
+class RoutingContext:
+    """State shared by the routed layers of one model (never global).
+
+    `forced`: per sequence, the index of the expert to use (the oracle), or None to let the
+    router decide. `counts`: when not None, how often each expert was chosen at each layer.
+    """
+
+    router: object
+    expert_names: list[str]
+    forced: torch.Tensor | None = None
+    counts: dict[str, torch.Tensor] | None = None
+    layers: list[RoutedLinear] = field(default_factory=list)
+
+    def route(self, layer: RoutedLinear, x: torch.Tensor, lead_shape: torch.Size):
+        """(weights (t, k), local expert indices (t, k)) for the t tokens of `x` (t, in)."""
+        if self.forced is not None:
+            weights, indices = self._forced_route(layer, lead_shape)
+        else:
+            weights, indices = self.router(x, layer.keys)
+        if self.counts is not None:
+            chosen = layer.expert_ids[indices].flatten()
+            self.counts[layer.name] += torch.bincount(
+                chosen.cpu(), minlength=len(self.expert_names)
+            )
+        return weights, indices
+
+    def _forced_route(self, layer: RoutedLinear, lead_shape: torch.Size):
+        tokens_per_sequence = math.prod(lead_shape[1:]) if len(lead_shape) > 1 else 1
+        per_token = self.forced.to(layer.expert_ids.device).repeat_interleave(tokens_per_sequence)
+        local = layer.local_index[per_token]  # (t,), -1 where this layer lacks the expert
+        weights = (local >= 0).to(layer.a_stack.dtype)[:, None]  # (t, 1)
+        return weights, local.clamp(min=0)[:, None]
+
+
+def attach_experts(
+    model: nn.Module,
+    experts: list[Expert],
+    router,
+    keys: dict[str, dict[str, torch.Tensor]] | None = None,
+    mixture: MixtureStrategy | None = None,
+) -> RoutingContext:
+    """Replace the adapted linear layers of `model` by routed layers over `experts`.
+
+    Args:
+        keys: `{expert name: {module: vector (in,)}}`, the router's per-layer vectors
+            (prototypes, centroids, gates); None for routers that need none.
+
+    Raises:
+        QuiverError: the model is already routed, or an expert adapts a module it lacks.
+    """
+    if any(isinstance(m, RoutedLinear) for m in model.modules()):
+        raise QuiverError("this model already has experts attached (detach_experts first)")
+    if not experts:
+        raise QuiverError("no experts to route between")
+    mixture = mixture or MixtureStrategy()
+    context = RoutingContext(router=router, expert_names=[e.name for e in experts])
+    plan = _modules_per_expert(model, experts)
+    stacks = {module: _empty_stack(model.get_submodule(module), members)
+              for module, members in plan.items()}
+    for index, expert in enumerate(experts):  # one expert's weights in memory at a time
+        factors = expert.lora_factors()
+        for module, members in plan.items():
+            if index in members:
+                _fill(stacks[module], members.index(index), factors, module, expert)
+        expert.drop_weights()
+    for module, members in plan.items():
+        base = model.get_submodule(module)
+        a_stack, b_stack = stacks[module].a, stacks[module].b
+        layer_keys = _layer_keys(keys, experts, members, module, a_stack)
+        layer = RoutedLinear(base, a_stack, b_stack, layer_keys,
+                             torch.tensor(members, device=base.weight.device), context,
+                             mixture, module)
+        local_index = torch.full((len(experts),), -1, dtype=torch.long)
+        local_index[members] = torch.arange(len(members))
+        layer.register_buffer("local_index", local_index.to(base.weight.device), persistent=False)
+        _replace(model, module, layer)
+        context.layers.append(layer)
+    return context
+
+
+def detach_experts(model: nn.Module) -> None:
+    """Put the original linear layers back (the experts' stacks are freed)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RoutedLinear):
+            _replace(model, name, module.base)
+
+
+# ------------------------------------------------------------------------------- helpers
+def _modules_per_expert(model: nn.Module, experts: list[Expert]) -> dict[str, list[int]]:
+    """`{module: [indices of the experts adapting it]}`, from adapter configs (no weights)."""
+    linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    plan: dict[str, list[int]] = {}
+    for index, expert in enumerate(experts):
+        targets = expert.adapter_config.get("target_modules") or []
+        targets = {targets} if isinstance(targets, str) else set(targets)
+        layers = expert.adapter_config.get("layers_to_transform")
+        layers = {layers} if isinstance(layers, int) else set(layers or [])
+        for name in sorted(linear):
+            if name.rsplit(".", 1)[-1] not in targets and name not in targets:
+                continue
+            if layers and not any(f".{i}." in f".{name}." for i in layers):
+                continue
+            plan.setdefault(name, []).append(index)
+    if not plan:
+        raise QuiverError("the experts adapt no linear layer of this model")
+    return plan
+
+
+@dataclass
+class _Stack:
+    """The stacked factors of one layer, allocated at the first expert (its rank)."""
+
+    base: nn.Linear
+    count: int
+    a: torch.Tensor | None = None  # (E, R, in)
+    b: torch.Tensor | None = None  # (E, out, R), scaling folded in
+
+
+def _empty_stack(base: nn.Linear, members: list[int]) -> _Stack:
+    return _Stack(base, len(members))
+
+
+def _fill(stack: _Stack, slot: int, factors, module: str, expert: Expert) -> None:
+    if module not in factors:
+        raise QuiverError(f"expert {expert.name!r} declares {module} but has no weights for it")
+    a, b = factors[module]
+    rank, like = a.shape[0], stack.base.weight
+    if stack.a is None:
+        stack.a = like.new_zeros(stack.count, rank, stack.base.in_features)
+        stack.b = like.new_zeros(stack.count, stack.base.out_features, rank)
+    if rank > stack.a.shape[1]:  # a larger rank than seen so far: zero-pad (changes nothing)
+        pad = rank - stack.a.shape[1]
+        stack.a = torch.cat([stack.a, stack.a.new_zeros(stack.count, pad, stack.a.shape[2])], 1)
+        stack.b = torch.cat([stack.b, stack.b.new_zeros(stack.count, stack.b.shape[1], pad)], 2)
+    stack.a[slot, :rank] = a.to(like.dtype)
+    stack.b[slot, :, :rank] = (b * expert.scaling).to(like.dtype)
+
+
+def _layer_keys(keys, experts, members, module, a_stack) -> torch.Tensor:
+    if keys is None:
+        return a_stack.new_zeros(len(members), 0)
+    return torch.stack([keys[experts[i].name][module] for i in members]).to(a_stack)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

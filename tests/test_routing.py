@@ -1,0 +1,177 @@
+import pytest
+import torch
+from peft import ArrowConfig, LoraConfig, create_arrow_model, get_peft_model
+
+import quiver
+from quiver.errors import QuiverError
+from quiver.routing import MIXTURES, detach_experts
+from quiver.routing.layer import MixtureStrategy
+from quiver.transforms.arrow import top_right_singular_vector
+
+from .conftest import new_library
+
+
+@pytest.mark.parametrize("tokens, experts, k", [(1, 3, 1), (7, 8, 3), (64, 32, 4)])
+def test_every_mixture_strategy_equals_the_token_by_token_sum(tokens, experts, k):
+    torch.manual_seed(0)
+    x = torch.randn(tokens, 24)
+    a = torch.randn(experts, 5, 24)
+    b = torch.randn(experts, 16, 5)
+    scores = torch.randn(tokens, experts)
+    top = scores.topk(k, dim=-1)
+    weights, indices = torch.softmax(top.values, -1), top.indices
+    expected = torch.zeros(tokens, 16)
+    for t in range(tokens):
+        for j in range(k):
+            e = indices[t, j]
+            expected[t] += weights[t, j] * (b[e] @ (a[e] @ x[t]))
+    for name, mixture in MIXTURES.items():
+        torch.testing.assert_close(mixture(x, weights, indices, a, b), expected,
+                                   rtol=1e-4, atol=1e-4, msg=name)
+    chosen = MixtureStrategy()(x, weights, indices, a, b)
+    torch.testing.assert_close(chosen, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 8])
+def test_prototype_is_the_top_right_singular_vector_of_the_dense_update(rank):
+    torch.manual_seed(rank)
+    a, b = torch.randn(rank, 40), torch.randn(30, rank)
+    _, _, vh = torch.linalg.svd((b @ a).double())
+    p = top_right_singular_vector(a, b).double()
+    assert torch.isclose(p.norm(), torch.tensor(1.0, dtype=torch.float64))
+    assert abs(p @ vh[0]) == pytest.approx(1.0, abs=1e-6)  # equal up to sign
+
+
+def _dominant_lora(out_dim, in_dim, rank, seed):
+    """Factors whose update has singular values 8, 1, 0.5, ... (PEFT's power iteration converges)."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(out_dim, rank, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(in_dim, rank, generator=g))
+    s = torch.tensor([8.0] + [1.0 / (i + 1) for i in range(rank - 1)])
+    return (s.sqrt()[:, None] * v.T), u * s.sqrt()  # A (r, in), B (out, r)
+
+
+def _synthetic_peft_folders(model, tmp_path, n, rank=4, targets=("q_proj", "v_proj", "up_proj")):
+    folders = []
+    for e in range(n):
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=8,
+                                                      target_modules=list(targets)))
+        with torch.no_grad():
+            for name, module in peft_model.named_modules():
+                if hasattr(module, "lora_A") and "default" in module.lora_A:
+                    a, b = _dominant_lora(module.out_features, module.in_features, rank,
+                                          seed=hash((e, name)) % 10_000)
+                    module.lora_A["default"].weight.copy_(a / 4)
+                    module.lora_B["default"].weight.copy_(b)
+        peft_model.save_pretrained(str(tmp_path / f"e{e}"))
+        peft_model.unload()
+        folders.append(tmp_path / f"e{e}")
+    return folders
+
+
+@pytest.mark.parametrize("top_k, temperature", [(1, 1.0), (3, 0.5)])
+def test_arrow_matches_peft_create_arrow_model(tiny, tmp_path, top_k, temperature):
+    model, tokenizer = tiny
+    folders = _synthetic_peft_folders(model, tmp_path, n=6)
+    library = new_library(tmp_path / "lib", model)
+    for i, folder in enumerate(folders):
+        library.import_peft(str(folder), f"e{i}")
+    ids = tokenizer(["Repeat: apple 3\nAnswer:", "The capital of France"], return_tensors="pt",
+                    padding=True)
+    base, _ = quiver.load_base("tiny-llama", device="cpu")
+    peft_arrow = create_arrow_model(base, [str(f) for f in folders],
+                                    ArrowConfig(top_k=top_k, router_temperature=temperature,
+                                                rng_seed=0))
+    expected = peft_arrow(**ids).logits
+    routed = quiver.reuse(model, library, method="arrow", top_k=top_k, temperature=temperature)
+    try:
+        got = routed(**ids).logits
+    finally:
+        detach_experts(model)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_uniform_routing_equals_the_folded_average_update(tiny, tiny_library):
+    model, tokenizer = tiny
+    ids = tokenizer("Repeat: river 5\nAnswer:", return_tensors="pt").input_ids
+    reference, _ = quiver.load_base("tiny-llama", device="cpu")
+    experts = tiny_library.experts()
+    with torch.no_grad():
+        for expert in experts:
+            for module, (a, b) in expert.lora_factors().items():
+                reference.get_submodule(module).weight += expert.scaling * (b @ a) / len(experts)
+    routed = quiver.reuse(model, tiny_library, method="uniform")
+    try:
+        torch.testing.assert_close(routed(ids).logits, reference(ids).logits, rtol=1e-4,
+                                   atol=1e-4)
+    finally:
+        detach_experts(model)
+    assert not any("Routed" in type(m).__name__ for m in model.modules())
+
+
+def test_experts_with_different_ranks_and_modules_route_together(tiny, tmp_path):
+    model, tokenizer = tiny
+    library = new_library(tmp_path / "lib", model)
+    specs = [(2, ("q_proj", "v_proj")), (6, ("q_proj", "down_proj")), (4, ("v_proj",))]
+    for i, (rank, targets) in enumerate(specs):
+        folder = _synthetic_peft_folders(model, tmp_path / f"s{i}", n=1, rank=rank,
+                                         targets=targets)[0]
+        library.import_peft(str(folder), f"x{i}")
+    ids = tokenizer("hello there", return_tensors="pt").input_ids
+    routed = quiver.reuse(model, library, method="arrow", top_k=1)
+    try:
+        q = routed.get_submodule("model.layers.0.self_attn.q_proj")
+        assert q.a_stack.shape == (2, 6, 64)  # two experts, padded to rank 6
+        assert routed.get_submodule("model.layers.0.mlp.down_proj").a_stack.shape[0] == 1
+        logits = routed(ids).logits
+    finally:
+        detach_experts(model)
+    assert torch.isfinite(logits).all()
+
+
+def test_generate_with_cache_matches_generate_without(tiny, tiny_library):
+    model, tokenizer = tiny
+    tokenizer.padding_side = "left"
+    ids = tokenizer(["Repeat: apple 1\nAnswer:", "Repeat: stone"], return_tensors="pt",
+                    padding=True)
+    routed = quiver.reuse(model, tiny_library, method="arrow", top_k=1)
+    try:
+        cached = routed.generate(**ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = routed.generate(**ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    finally:
+        detach_experts(model)
+        tokenizer.padding_side = "right"
+    assert torch.equal(cached, uncached)
+
+
+def test_experts_of_another_base_model_are_refused(tiny, tiny_library):
+    model, _ = tiny
+    other, _ = quiver.load_base("tiny-llama", device="cpu")
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight[0, 0] += 1
+    with pytest.raises(QuiverError, match="fingerprint"):
+        quiver.reuse(other, tiny_library)
+    with pytest.raises(QuiverError, match="unknown routing method"):
+        quiver.reuse(model, tiny_library, method="telepathy")
+
+
+def test_prototypes_are_computed_once_per_expert(tiny, tiny_library, tmp_path, monkeypatch):
+    from quiver.transforms import arrow
+
+    library = new_library(tmp_path / "lib", tiny[0])
+    for name in tiny_library.names():
+        library.add(tiny_library.get(name))
+    first = arrow.library_prototypes(library, ["alpha"])
+    assert library.get_derived("alpha", arrow.KIND, {"method": "qr-svd"}) is not None
+    assert library.get_derived("beta", arrow.KIND, {"method": "qr-svd"}) is None
+
+    def no_recompute(factors):
+        raise AssertionError("prototypes were computed again")
+
+    monkeypatch.setattr(arrow, "expert_prototypes", no_recompute)
+    again = arrow.library_prototypes(library, ["alpha"])
+    for module in first["alpha"]:
+        assert torch.equal(first["alpha"][module], again["alpha"][module])
+    assert len(first["alpha"]) == 14
+
+
