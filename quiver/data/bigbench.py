@@ -96,7 +96,14 @@ def load(name: str) -> Task:
         examples=examples,
         kind=kind,
         description=str(data.get("description", "")),
-        metadata={"keywords": data.get("keywords", []), "metrics": data.get("metrics", [])},
+        metadata={
+            "keywords": data.get("keywords", []),
+            "metrics": data.get("metrics", []),
+            "stop_string": data.get("stop_string"),
+            # BIG-bench's default when a task sets neither (json_task._DEFAULT_REGEX)
+            "output_regex": data.get("output_regex",
+                                     None if "stop_string" in data else r"[^\.\?\!\;\n]+"),
+        },
     )
 
 

@@ -156,7 +156,7 @@ class RoutedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (..., out)
         flat = x.reshape(-1, x.shape[-1])  # (t, in)
-        weights, indices = self.context.route(self, flat, x.shape[:-1])  # (t, k), (t, k)
+        weights, indices = self.context.route(self, flat)  # (t, k), (t, k)
         delta = self.mixture(flat, weights.to(flat.dtype), indices, self.a_stack, self.b_stack)
         return y + delta.view(y.shape)
 

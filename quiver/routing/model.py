@@ -8,7 +8,6 @@ transformers object, so `model(input_ids=...)`, `generate` (with its KV cache), 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,20 +22,20 @@ from quiver.routing.layer import MixtureStrategy, RoutedLinear
 class RoutingContext:
     """State shared by the routed layers of one model (never global).
 
-    `forced`: per sequence, the index of the expert to use (the oracle), or None to let the
-    router decide. `counts`: when not None, how often each expert was chosen at each layer.
+    `forced`: the index (in `expert_names`) of the one expert every token uses (the oracle,
+    set per task), or None to let the router decide. `counts`: when not None, how often each expert was chosen at each layer.
     """
 
     router: object
     expert_names: list[str]
-    forced: torch.Tensor | None = None
+    forced: int | None = None
     counts: dict[str, torch.Tensor] | None = None
     layers: list[RoutedLinear] = field(default_factory=list)
 
-    def route(self, layer: RoutedLinear, x: torch.Tensor, lead_shape: torch.Size):
+    def route(self, layer: RoutedLinear, x: torch.Tensor):
         """(weights (t, k), local expert indices (t, k)) for the t tokens of `x` (t, in)."""
         if self.forced is not None:
-            weights, indices = self._forced_route(layer, lead_shape)
+            weights, indices = self._forced_route(layer, x.shape[0])
         else:
             weights, indices = self.router(x, layer.keys)
         if self.counts is not None:
@@ -46,12 +45,10 @@ class RoutingContext:
             )
         return weights, indices
 
-    def _forced_route(self, layer: RoutedLinear, lead_shape: torch.Size):
-        tokens_per_sequence = math.prod(lead_shape[1:]) if len(lead_shape) > 1 else 1
-        per_token = self.forced.to(layer.expert_ids.device).repeat_interleave(tokens_per_sequence)
-        local = layer.local_index[per_token]  # (t,), -1 where this layer lacks the expert
-        weights = (local >= 0).to(layer.a_stack.dtype)[:, None]  # (t, 1)
-        return weights, local.clamp(min=0)[:, None]
+    def _forced_route(self, layer: RoutedLinear, tokens: int):
+        local = layer.local_index[self.forced]  # -1 where this layer lacks the expert
+        weights = layer.a_stack.new_full((tokens, 1), 1.0 if local >= 0 else 0.0)  # (t, 1)
+        return weights, local.clamp(min=0).expand(tokens, 1)
 
 
 def attach_experts(

@@ -1,0 +1,103 @@
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from quiver.data import Example, Task, bigbench
+from quiver.data.batching import split_trailing_space
+from quiver.errors import QuiverError
+from quiver.evaluation import EvalConfig, evaluate, generate_answers, score_choices
+from quiver.evaluation.metrics import exact_match, rouge_l
+from quiver.evaluation.scoring import postprocess
+
+
+def _bigbench_function(relative: str, name: str, namespace: dict):
+    """A function from BIG-bench's source, compiled without importing its TensorFlow deps."""
+    path = bigbench.tasks_root().parent / relative
+    tree = ast.parse(path.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    exec(compile(ast.Module([node], []), str(path), "exec"), namespace)
+    return namespace[name]
+
+
+def _brute_force_log_prob(model, tokenizer, prompt, option):
+    stripped, continuation = split_trailing_space(prompt, option)
+    p = tokenizer(stripped, add_special_tokens=False)["input_ids"]
+    o = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + o])
+    log_probs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    return sum(log_probs[len(p) - 1 + j, tok].item() for j, tok in enumerate(o))
+
+
+def test_choice_scores_equal_full_sequence_log_probs(tiny):
+    model, tokenizer = tiny
+    example = Example("Q: Is the sky blue?\nA: ", "yes", options=("yes", "no", "it depends on it"),
+                      answer=0)
+    scores = score_choices(model, tokenizer, example)
+    for option, got in zip(example.options, scores.log_probs, strict=True):
+        assert got == pytest.approx(_brute_force_log_prob(model, tokenizer, example.prompt,
+                                                          option), abs=1e-3)
+    assert scores.n_tokens[2] > scores.n_tokens[0]
+
+
+def test_postprocess_matches_bigbench():
+    reference = _bigbench_function("models/model_utils.py", "postprocess_output", {"re": re})
+    default = r"[^\.\?\!\;\n]+"
+    for text, stop, regex in [("Paris. And more", None, default), (" 42\nnext", None, default),
+                              ("yes; no", None, default), ("a b STOP c", "STOP", None),
+                              ("= 42. 7*7", None, r"\d+"), ("", None, default)]:
+        assert postprocess(text, stop, regex) == reference(text, None, stop, regex).strip()
+
+
+def test_exact_match_matches_bigbench_and_rouge_matches_rouge_score():
+    reference = _bigbench_function("api/task_metrics.py", "exact_str_match_fn",
+                                   {"List": list, "Dict": dict, "Any": object})
+    targets = [["Paris", "paris"], ["4"], ["blue"]]
+    answers = ["Paris", "5", "blue"]
+    ours = sum(exact_match(a, tuple(t)) for a, t in zip(answers, targets, strict=True)) / 3
+    assert ours == reference(targets, answers)["exact_str_match"]
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    expected = 100 * max(scorer.score(r, "the cat sat")["rougeL"].fmeasure
+                         for r in ("a cat sat down", "the dog"))
+    assert rouge_l("the cat sat", ("a cat sat down", "the dog")) == pytest.approx(expected)
+
+
+def test_batched_generation_equals_one_by_one(tiny):
+    model, tokenizer = tiny
+    examples = [Example("Repeat: apple\nAnswer:", "apple"), Example("Q: 2+2\nA: ", "4"),
+                Example("A much longer prompt about many things, rivers and stones:", "x")]
+    batched = generate_answers(model, tokenizer, examples, 5, output_regex=None)
+    single = [generate_answers(model, tokenizer, [e], 5, output_regex=None)[0] for e in examples]
+    assert batched == single
+
+
+def test_evaluate_reports_per_task_metrics_and_average(tiny):
+    model, tokenizer = tiny
+    mc = Task("toy:mc", [Example(f"Q{i}: pick\nA: ", "a", options=("a", "b b"), answer=i % 2)
+                         for i in range(20)], kind="mc")
+    gen = Task("toy:gen", [Example(f"Say {i}:", f" {i}", references=(f"{i}",))
+                           for i in range(20)], kind="gen")
+    report = evaluate(model, tokenizer, [mc, gen], EvalConfig(limit=3, max_new_tokens=4),
+                      show_progress=False)
+    assert report["tasks"]["toy:mc"]["examples"] == 3
+    assert 0 <= report["tasks"]["toy:mc"]["accuracy"] <= 100
+    assert set(report["tasks"]["toy:gen"]) >= {"exact_match", "rougeL", "answers"}
+    assert report["average"]["accuracy"] == report["tasks"]["toy:mc"]["accuracy"]
+    with pytest.raises(QuiverError, match="no examples in its test split"):
+        evaluate(model, tokenizer, [Task("toy:tiny", [Example("a", "b")], kind="gen")],
+                 show_progress=False)
+
+
+def test_eval_config_rejects_unknown_split():
+    with pytest.raises(ValueError):
+        EvalConfig(split="dev")
+
+
+def test_bigbench_tasks_carry_their_output_regex():
+    task = bigbench.load("bigbench:object_counting")
+    assert task.metadata["output_regex"] or task.metadata["stop_string"]
+    assert Path(bigbench.tasks_root()).exists()
