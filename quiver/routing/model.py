@@ -23,7 +23,8 @@ class RoutingContext:
     """State shared by the routed layers of one model (never global).
 
     `forced`: the index (in `expert_names`) of the one expert every token uses (the oracle,
-    set per task), or None to let the router decide. `counts`: when not None, how often each expert was chosen at each layer.
+    set per task), or None to let the router decide. `counts`: when not None, how often each
+    expert was chosen at each layer.
     """
 
     router: object
