@@ -155,11 +155,22 @@ def main() -> None:
     _write(rows, args)
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or the architecture where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def _write(rows: list[dict], args) -> None:
     baseline = next((r for r in rows if r["variant"] == "peft-baseline" and "error" not in r), None)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
     command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
     record = {"command": command, "commit": commit, "machine": machine,
               "torch": torch.__version__, "tasks": TASKS, "per_task": args.per_task,
