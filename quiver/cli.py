@@ -182,6 +182,64 @@ def library_rename(url: str, old: str, new: str) -> None:
     console.print(f"renamed [bold]{old}[/] to [bold]{new}[/]")
 
 
+# ---------------------------------------------------------------------------- eval
+from quiver.evaluation import EvalConfig  # noqa: E402
+
+
+@app.command("eval")
+@config_options(EvalConfig)
+def eval_command(
+    method: str = typer.Option(..., help="base, arrow, uniform, centroid, phatgoose, oracle, "
+                                         "or expert:NAME"),
+    task: list[str] = typer.Option([], "--task", help="task to evaluate; repeatable"),
+    tasks_file: Path = typer.Option(None, help="file with one task name per line"),
+    library: str = typer.Option(None, help="library folder or fsspec URL"),
+    base: str = typer.Option(DEFAULT_MODEL, help="base model"),
+    top_k: int = typer.Option(None, help="experts per token (default: the method's own)"),
+    temperature: float = typer.Option(1.0, help="routing temperature"),
+    allow_seen: bool = typer.Option(False, help="allow tasks the experts were trained on"),
+    out: Path = typer.Option(None, help="write the report as JSON here"),
+    config: EvalConfig = None,
+) -> None:
+    """Evaluate a method on held-out tasks and print the per-task table."""
+    from quiver.recipes import evaluate_method, read_tasks_file
+    from quiver.report import eval_table, write_report
+
+    names = list(task) + (read_tasks_file(tasks_file) if tasks_file else [])
+    if not names:
+        raise QuiverError("no tasks: pass --task or --tasks-file")
+    report = evaluate_method(method, names, library, base, config, allow_seen, top_k,
+                             temperature)
+    console.print(eval_table(report))
+    if out:
+        write_report(report, out)
+        console.print(f"report written to {out}")
+
+
+# --------------------------------------------------------------------------- merge
+@app.command()
+def merge(
+    library: str = typer.Argument(..., help="library folder or fsspec URL"),
+    method: str = typer.Option(..., help="uniform, uniform-delta, ties or task-arithmetic"),
+    name: str = typer.Option(..., help="name of the merged expert"),
+    experts: list[str] = typer.Option(None, "--experts", help="experts to merge (default all)"),
+    lam: float = typer.Option(1.0, "--lambda", help="scale of TIES and task arithmetic"),
+    density: float = typer.Option(0.2, help="fraction of entries TIES keeps"),
+    rank: int = typer.Option(None, help="rank of the stored merge (default: exact / sum)"),
+) -> None:
+    """Merge experts into a new expert of the library (exportable to PEFT)."""
+    from quiver.library import Library
+    from quiver.merging import merge_experts
+
+    lib = Library(library)
+    chosen = lib.experts(experts or None)
+    merged, report = merge_experts(chosen, method, name, rank, lam, density)
+    lib.add(merged)
+    console.print(f"added [bold]{name}[/] ({method} of {len(chosen)} experts), rank "
+                  f"{report['rank']}, max relative truncation error "
+                  f"{report['max_relative_error']:.2e}")
+
+
 # ---------------------------------------------------------------------------- demo
 @app.command()
 def demo(

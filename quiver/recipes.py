@@ -80,3 +80,115 @@ def available_tasks(
         and r.examples >= min_examples
         and (contains is None or contains in r.name)
     ]
+
+
+EVAL_METHODS = ("base", "arrow", "uniform", "centroid", "phatgoose", "oracle", "expert:NAME")
+
+
+def evaluate_method(
+    method: str,
+    task_names: list[str],
+    library_url: str | None = None,
+    base: str = "smollm2-135m",
+    config=None,
+    allow_seen: bool = False,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    experts: list[str] | None = None,
+    show_progress: bool = True,
+    model_and_tokenizer=None,
+) -> dict:
+    """Evaluate a base model, one expert, or a routed library on tasks; returns the report.
+
+    Zero-shot by default: a task any used expert was trained on is refused unless
+    `allow_seen` (the oracle, which routes each task to its own expert, implies it).
+
+    Raises:
+        QuiverError: unknown method, task or expert; a seen task; a library for another base.
+    """
+    from quiver.evaluation import EvalConfig, evaluate
+    from quiver.reuse import reuse, routing_context
+
+    config = config or EvalConfig()
+    tasks = [load_task(t) for t in task_names]
+    if method != "base" and library_url is None:
+        raise QuiverError(f"method {method!r} needs a library (--library)")
+    library = Library(library_url) if library_url else None
+    names = _experts_for(method, library, experts)
+    if method != "oracle" and not allow_seen:
+        _check_zero_shot(library, names, [t.name for t in tasks])
+    model, tokenizer = model_and_tokenizer or load_base(base)
+    before_task = None
+    if method.startswith("expert:"):
+        reuse(model, library, method="uniform", experts=names)
+    elif method != "base":
+        reuse(model, library, method=method, experts=names, top_k=top_k,
+              temperature=temperature, tokenizer=tokenizer)
+    if method == "oracle":
+        context = routing_context(model)
+        before_task = lambda task: _route_to_own_expert(context, library, task)  # noqa: E731
+    try:
+        report = evaluate(model, tokenizer, tasks, config, before_task, show_progress)
+    finally:
+        if method != "base":
+            from quiver.routing import detach_experts
+
+            detach_experts(model)
+    report.update(
+        method=method,
+        settings={"top_k": top_k, "temperature": temperature, "split": config.split,
+                  "limit": config.limit, "allow_seen": allow_seen},
+        experts=names,
+        model=base,
+        library=library_url,
+    )
+    return report
+
+
+def _experts_for(method: str, library: Library | None, experts: list[str] | None) -> list[str]:
+    if method == "base":
+        return []
+    if method.startswith("expert:"):
+        name = method.split(":", 1)[1]
+        library.get(name)  # a clear error if it is not there
+        return [name]
+    if method not in EVAL_METHODS:
+        raise QuiverError(f"unknown method {method!r}: use one of {', '.join(EVAL_METHODS)}")
+    return library.names() if experts is None else list(experts)
+
+
+def _check_zero_shot(library: Library | None, names: list[str], task_names: list[str]) -> None:
+    for name in names:
+        seen = set(library.get(name).info.tasks) & set(task_names)
+        if seen:
+            raise QuiverError(
+                f"expert {name!r} was trained on {sorted(seen)}: not zero-shot "
+                "(pass --allow-seen to evaluate anyway)"
+            )
+
+
+def _route_to_own_expert(context, library: Library, task) -> None:
+    for index, name in enumerate(context.expert_names):
+        if task.name in library.get(name).info.tasks:
+            context.forced = index
+            return
+    raise QuiverError(f"oracle: no expert of the library was trained on {task.name!r}")
+
+
+def read_tasks_file(path) -> list[str]:
+    """Task names, one per line; blank lines and `#` comments are skipped.
+
+    Raises:
+        QuiverError: the file cannot be read or names no task.
+    """
+    from pathlib import Path
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise QuiverError(f"cannot read tasks file {path}: {err}") from err
+    names = [line.split("#", 1)[0].strip() for line in lines]
+    names = [n for n in names if n]
+    if not names:
+        raise QuiverError(f"tasks file {path} names no task")
+    return names

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 from rich.table import Table
 
 from quiver.library import Library
@@ -28,3 +32,26 @@ def library_table(library: Library) -> Table:
             info.created,
         )
     return table
+
+
+def eval_table(report: dict) -> Table:
+    """Per-task metrics and the average of an evaluation report."""
+    metrics = [m for m in ("accuracy", "accuracy_norm", "exact_match", "rougeL")
+               if m in report["average"]]
+    table = Table("task", "n", *metrics,
+                  title=f"{report['method']} on {report['model']} ({report['settings']['split']})")
+    for name, result in report["tasks"].items():
+        cells = [f"{result[m]:.1f}" if m in result else "" for m in metrics]
+        table.add_row(name.removeprefix("bigbench:"), str(result["examples"]), *cells)
+    table.add_section()
+    table.add_row("average", "", *[f"{report['average'][m]:.1f}" for m in metrics])
+    return table
+
+
+def write_report(report: dict, path: Path) -> None:
+    """Write a JSON report atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    staging.write_text(json.dumps(report, indent=1))
+    staging.replace(path)

@@ -16,14 +16,16 @@ from quiver.library import Library
 from quiver.models import fingerprint
 from quiver.routing import (
     ArrowRouter,
+    CentroidRouter,
     MixtureStrategy,
+    PhatgooseRouter,
     RoutingContext,
     UniformRouter,
     attach_experts,
 )
 from quiver.transforms.arrow import library_prototypes
 
-METHODS = ("arrow", "uniform")
+METHODS = ("arrow", "uniform", "centroid", "phatgoose", "oracle")
 
 
 def reuse(
@@ -31,11 +33,17 @@ def reuse(
     library: Library,
     method: str = "arrow",
     experts: list[str] | None = None,
-    top_k: int = 4,
+    top_k: int | None = None,
     temperature: float = 1.0,
     mixture: str | None = None,
+    tokenizer=None,
 ) -> nn.Module:
     """Attach the library's experts (all by default) to `model`, routed by `method`.
+
+    `top_k` defaults to each method's own: 4 for Arrow (the paper), 2 for PHATGOOSE, every
+    expert for centroid routing. `centroid` and `phatgoose` need the tokenizer: missing
+    centroids or gates are computed with `model` (over the experts' own training tasks) and
+    stored in the library first.
 
     Raises:
         QuiverError: unknown method or expert, or a library made for another base model.
@@ -43,15 +51,37 @@ def reuse(
     names = library.names() if experts is None else list(experts)
     check_same_base(model, library, names)
     if method == "arrow":
-        router, keys = ArrowRouter(top_k, temperature), library_prototypes(library, names)
+        router, keys = ArrowRouter(top_k or 4, temperature), library_prototypes(library, names)
     elif method == "uniform":
         router, keys = UniformRouter(), None
+    elif method in ("centroid", "phatgoose"):
+        router, keys = _learned_keys(method, model, tokenizer, library, names, top_k,
+                                     temperature)
+    elif method == "oracle":  # the caller sets routing_context(model).forced per task
+        router, keys = _unset_oracle, None
     else:
         raise QuiverError(f"unknown routing method {method!r}: use one of {METHODS}")
     context = attach_experts(model, library.experts(names), router, keys,
                              MixtureStrategy(fixed=mixture))
     model.quiver_routing = context
     return model
+
+
+def _learned_keys(method, model, tokenizer, library, names, top_k, temperature):
+    if tokenizer is None:
+        raise QuiverError(f"{method} routing needs the tokenizer to compute its keys")
+    if method == "centroid":
+        from quiver.transforms.centroid import library_centroids
+
+        keys = library_centroids(model, tokenizer, library, names)
+        return CentroidRouter(top_k, temperature), keys
+    from quiver.transforms.phatgoose import library_gates
+
+    return PhatgooseRouter(top_k or 2), library_gates(model, tokenizer, library, names)
+
+
+def _unset_oracle(x, keys):
+    raise QuiverError("oracle routing needs an expert chosen per task (routing_context.forced)")
 
 
 def routing_context(model: nn.Module) -> RoutingContext:

@@ -85,3 +85,27 @@ def test_tasks_ls_bigbench_filters(tmp_path):
     assert "logical_deduction/five_objects" in done.stdout
     assert "three_objects" not in done.stdout  # 300 examples only
     assert quiver("tasks", "ls", "--kind", "essay").returncode == 2
+
+
+def test_merge_and_eval_commands(tmp_path):
+    lib = tmp_path / "lib"
+    for name, task in (("add", "arithmetic/1_digit_addition"),
+                       ("sub", "arithmetic/1_digit_subtraction")):
+        done = quiver("train", "--task", task, "--library", lib, "--name", name, "--base",
+                      "tiny-llama", "--steps", 2, "--eval-every", 2, "--quiet")
+        assert done.returncode == 0, done.stderr
+    merged = quiver("merge", lib, "--method", "uniform-delta", "--name", "avg", "--rank", 4)
+    assert merged.returncode == 0, merged.stderr
+    assert "rank 4" in merged.stdout and "relative truncation error" in merged.stdout
+    (tmp_path / "tasks.txt").write_text("# held out\narithmetic/2_digit_addition\n")
+    out = tmp_path / "report.json"
+    done = quiver("eval", "--method", "arrow", "--library", lib, "--base", "tiny-llama",
+                  "--tasks-file", tmp_path / "tasks.txt", "--limit", 3, "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "average" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["tasks"]["bigbench:arithmetic/2_digit_addition"]["examples"] == 3
+    assert report["experts"] == ["add", "avg", "sub"]
+    seen = quiver("eval", "--method", "expert:add", "--library", lib, "--base", "tiny-llama",
+                  "--task", "arithmetic/1_digit_addition", "--limit", 2)
+    assert seen.returncode == 2 and "not zero-shot" in seen.stderr
