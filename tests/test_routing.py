@@ -27,10 +27,11 @@ def test_every_mixture_strategy_equals_the_token_by_token_sum(tokens, experts, k
         for j in range(k):
             e = indices[t, j]
             expected[t] += weights[t, j] * (b[e] @ (a[e] @ x[t]))
+    b_rows = b.permute(0, 2, 1).reshape(experts * 5, 16)  # row e*R + j: column j of B_e
     for name, mixture in MIXTURES.items():
-        torch.testing.assert_close(mixture(x, weights, indices, a, b), expected,
+        torch.testing.assert_close(mixture(x, weights, indices, a, b_rows), expected,
                                    rtol=1e-4, atol=1e-4, msg=name)
-    chosen = MixtureStrategy()(x, weights, indices, a, b)
+    chosen = MixtureStrategy()(x, weights, indices, a, b_rows)
     torch.testing.assert_close(chosen, expected, rtol=1e-4, atol=1e-4)
 
 

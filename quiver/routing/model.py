@@ -85,9 +85,10 @@ def attach_experts(
         expert.drop_weights()
     for module, members in plan.items():
         base = model.get_submodule(module)
-        a_stack, b_stack = stacks[module].a, stacks[module].b
+        a_stack = stacks[module].a
+        b_rows = stacks[module].b.reshape(-1, base.out_features)  # (E*R, out), a view
         layer_keys = _layer_keys(keys, experts, members, module, a_stack)
-        layer = RoutedLinear(base, a_stack, b_stack, layer_keys,
+        layer = RoutedLinear(base, a_stack, b_rows, layer_keys,
                              torch.tensor(members, device=base.weight.device), context,
                              mixture, module)
         local_index = torch.full((len(experts),), -1, dtype=torch.long)
@@ -133,7 +134,7 @@ class _Stack:
     base: nn.Linear
     count: int
     a: torch.Tensor | None = None  # (E, R, in)
-    b: torch.Tensor | None = None  # (E, out, R), scaling folded in
+    b: torch.Tensor | None = None  # (E, R, out): s * B transposed, scaling folded in
 
 
 def _empty_stack(base: nn.Linear, members: list[int]) -> _Stack:
@@ -147,13 +148,13 @@ def _fill(stack: _Stack, slot: int, factors, module: str, expert: Expert) -> Non
     rank, like = a.shape[0], stack.base.weight
     if stack.a is None:
         stack.a = like.new_zeros(stack.count, rank, stack.base.in_features)
-        stack.b = like.new_zeros(stack.count, stack.base.out_features, rank)
+        stack.b = like.new_zeros(stack.count, rank, stack.base.out_features)
     if rank > stack.a.shape[1]:  # a larger rank than seen so far: zero-pad (changes nothing)
         pad = rank - stack.a.shape[1]
         stack.a = torch.cat([stack.a, stack.a.new_zeros(stack.count, pad, stack.a.shape[2])], 1)
-        stack.b = torch.cat([stack.b, stack.b.new_zeros(stack.count, stack.b.shape[1], pad)], 2)
+        stack.b = torch.cat([stack.b, stack.b.new_zeros(stack.count, pad, stack.b.shape[2])], 1)
     stack.a[slot, :rank] = a.to(like.dtype)
-    stack.b[slot, :, :rank] = (b * expert.scaling).to(like.dtype)
+    stack.b[slot, :rank] = (b * expert.scaling).T.to(like.dtype)
 
 
 def _layer_keys(keys, experts, members, module, a_stack) -> torch.Tensor:
