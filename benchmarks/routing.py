@@ -1,0 +1,198 @@
+"""Routing speed and memory: quiver's Arrow against the bare base model and PEFT's Arrow.
+
+The real SmolLM2-135M-Instruct (fp32, CPU), E synthetic rank-4 experts on all 7 linear
+modules, top-4. For each E, in its own process (so peak memory is its own):
+  - load: reading the E experts from a local library, computing their prototypes (first
+    time) and attaching them;
+  - prefill: one forward over 4 x 128 tokens, as a ratio to the bare model in the same process;
+  - decode: greedy generation of 32 tokens for 4 prompts (KV cache), same ratio;
+  - peak RSS, against base-model RSS + the experts' fp32 weights;
+  - PEFT's `create_arrow_model` with the same experts (PEFT folders), where it is not too slow.
+
+Usage: .venv/bin/python benchmarks/routing.py [--experts 8 32 128 256] [--peft-max 32]
+Writes benchmarks/results/routing.json and .md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import cpu_name  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_library(root: Path, n_experts: int):
+    """A library of `n_experts` random rank-4 experts (and their PEFT folders)."""
+    from quiver.library import Expert, ExpertInfo, Library
+    from quiver.models import fingerprint, linear_module_shapes, load_base
+
+    model, _ = load_base("smollm2-135m", device="cpu")
+    library = Library(str(root / "library"), create=True)
+    library.ensure_base("smollm2-135m", fingerprint(model), linear_module_shapes(model))
+    shapes = linear_module_shapes(model)
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "lora_dropout": 0.0,
+              "target_modules": list(MODULES), "bias": "none", "task_type": "CAUSAL_LM",
+              "base_model_name_or_path": "smollm2-135m"}
+    generator = torch.Generator().manual_seed(0)
+    for e in range(len(library.names()), n_experts):
+        weights = {}
+        for name, (fan_in, fan_out) in shapes.items():
+            key = f"base_model.model.{name}"
+            a = torch.randn(4, fan_in, generator=generator) / fan_in**0.5
+            weights[f"{key}.lora_A.weight"] = a
+            weights[f"{key}.lora_B.weight"] = torch.randn(fan_out, 4, generator=generator) / 100
+        info = ExpertInfo(f"e{e:03d}", [f"synthetic:{e}"], "smollm2-135m", None,
+                          {"r": 4, "lora_alpha": 16}, source="synthetic")
+        library.add(Expert(info, config, weights=weights))
+    return library
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up (and the mixture strategy's one-time measurement)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def run_one(n_experts: int, library_dir: str, peft: bool, repeats: int) -> dict:
+    from quiver.library import Library
+    from quiver.models import load_base
+    from quiver.reuse import reuse
+
+    model, tokenizer = load_base("smollm2-135m", device="cpu")
+    library = Library(library_dir)
+    names = library.names()[:n_experts]
+    prompt_ids = torch.randint(100, 20_000, (4, 128), generator=torch.Generator().manual_seed(1))
+    decode_ids = prompt_ids[:, :16]
+
+    def prefill(m):
+        return lambda: m(input_ids=prompt_ids)
+
+    def decode(m):
+        return lambda: m.generate(input_ids=decode_ids, max_new_tokens=32, min_new_tokens=32,
+                                  do_sample=False, pad_token_id=tokenizer.eos_token_id)
+
+    row = {"experts": n_experts}
+    with torch.no_grad():
+        base_prefill = _timed(prefill(model), repeats)
+        base_decode = _timed(decode(model), max(1, repeats - 1))
+        rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # base's own peak
+        started = time.perf_counter()
+        reuse(model, library, method="arrow", experts=names, top_k=4)
+        row["load_s"] = round(time.perf_counter() - started, 2)
+        row["prefill_ratio"] = round(_timed(prefill(model), repeats) / base_prefill, 3)
+        row["decode_ratio"] = round(_timed(decode(model), max(1, repeats - 1)) / base_decode, 3)
+        row["base_prefill_s"] = round(base_prefill, 3)
+        row["base_decode_s"] = round(base_decode, 3)
+        strategies = sorted({v for k, v in model.quiver_routing.layers[0].mixture.choices.items()})
+        row["strategies"] = strategies
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        experts_mib = n_experts * sum(
+            t.numel() for t in library.get(names[0]).weights.values()) * 4 / 2**20
+        row["peak_rss_mib"] = round(peak)
+        row["base_rss_mib"] = round(rss_base)
+        row["experts_mib"] = round(experts_mib)
+        row["memory_over_budget"] = round(peak / (rss_base + experts_mib), 3)
+        if peft:
+            row.update(_peft(n_experts, library, names, prefill, decode, base_prefill,
+                             base_decode, repeats))
+    return row
+
+
+def _peft(n_experts, library, names, prefill, decode, base_prefill, base_decode, repeats):
+    from peft import ArrowConfig, create_arrow_model
+
+    from quiver.models import load_base
+
+    folders = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            library.export_peft(name, f"{tmp}/{name}")
+            folders.append(f"{tmp}/{name}")
+        base, _ = load_base("smollm2-135m", device="cpu")
+        started = time.perf_counter()
+        peft_model = create_arrow_model(base, folders, ArrowConfig(top_k=4, rng_seed=0))
+        load = time.perf_counter() - started
+    return {
+        "peft_load_s": round(load, 2),
+        "peft_prefill_ratio": round(_timed(prefill(peft_model), repeats) / base_prefill, 3),
+        "peft_decode_ratio": round(_timed(decode(peft_model), 1) / base_decode, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, nargs="*", default=[8, 32, 128, 256])
+    parser.add_argument("--peft-max", type=int, default=32,
+                        help="run PEFT only up to this many experts (it is slow to load and run)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--library", default=str(Path(tempfile.gettempdir()) / "quiver-bench"))
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        row = run_one(args.one, f"{args.library}/library", args.one <= args.peft_max,
+                      args.repeats)
+        print("RESULT " + json.dumps(row), flush=True)
+        return
+    make_library(Path(args.library), max(args.experts))
+    rows = []
+    for n in args.experts:
+        command = [sys.executable, __file__, "--one", str(n), "--library", args.library,
+                   "--peft-max", str(args.peft_max), "--repeats", str(args.repeats)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        rows.append(json.loads(line[7:]) if line else
+                    {"experts": n, "error": done.stderr.strip().splitlines()[-1:]})
+        print(rows[-1], flush=True)
+    _write(rows, args)
+
+
+def _write(rows, args) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    command = "python benchmarks/routing.py " + " ".join(sys.argv[1:])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "routing.json").write_text(json.dumps(
+        {"command": command, "commit": commit, "machine": machine, "rows": rows}, indent=2))
+    lines = [
+        "# Routing speed and memory (CPU)", "",
+        f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}.",
+        "SmolLM2-135M-Instruct fp32, E synthetic rank-4 experts on all 7 linear modules, "
+        "Arrow top-4. Ratios are to the bare model in the same process; prefill 4 x 128 "
+        "tokens, decode 32 new tokens for 4 prompts.", "",
+        "| E | load (s) | prefill | decode | peak RSS (MiB) | base peak + experts (MiB) | "
+        "PEFT load (s) | PEFT prefill | PEFT decode | quiver speed-up over PEFT (prefill) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['experts']} | failed: {r['error']} |||||||||")
+            continue
+        peft = [f"{r['peft_load_s']}", f"{r['peft_prefill_ratio']}x", f"{r['peft_decode_ratio']}x",
+                f"{r['peft_prefill_ratio'] / r['prefill_ratio']:.1f}x"] if "peft_load_s" in r \
+            else ["skipped (too slow)", "", "", ""]
+        lines.append(f"| {r['experts']} | {r['load_s']} | {r['prefill_ratio']}x | "
+                     f"{r['decode_ratio']}x | {r['peak_rss_mib']} | "
+                     f"{r['base_rss_mib'] + r['experts_mib']} | " + " | ".join(peft) + " |")
+    (RESULTS / "routing.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
