@@ -199,6 +199,7 @@ def eval_command(
     temperature: float = typer.Option(1.0, help="routing temperature"),
     allow_seen: bool = typer.Option(False, help="allow tasks the experts were trained on"),
     out: Path = typer.Option(None, help="write the report as JSON here"),
+    routing_plot: Path = typer.Option(None, help="save a heatmap of the routing choices here"),
     config: EvalConfig = None,
 ) -> None:
     """Evaluate a method on held-out tasks and print the per-task table."""
@@ -209,11 +210,13 @@ def eval_command(
     if not names:
         raise QuiverError("no tasks: pass --task or --tasks-file")
     report = evaluate_method(method, names, library, base, config, allow_seen, top_k,
-                             temperature)
+                             temperature, routing_plot=routing_plot)
     console.print(eval_table(report))
     if out:
         write_report(report, out)
         console.print(f"report written to {out}")
+    if routing_plot:
+        console.print(f"routing heatmap saved to {routing_plot}")
 
 
 # --------------------------------------------------------------------------- merge

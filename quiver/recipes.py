@@ -97,8 +97,12 @@ def evaluate_method(
     experts: list[str] | None = None,
     show_progress: bool = True,
     model_and_tokenizer=None,
+    routing_plot=None,
 ) -> dict:
     """Evaluate a base model, one expert, or a routed library on tasks; returns the report.
+
+    With `routing_plot` (a path), routed methods also record how often each expert was
+    chosen at each layer, save that as a heatmap, and add the counts to the report.
 
     Zero-shot by default: a task any used expert was trained on is refused unless
     `allow_seen` (the oracle, which routes each task to its own expert, implies it).
@@ -128,7 +132,16 @@ def evaluate_method(
         context = routing_context(model)
         before_task = lambda task: _route_to_own_expert(context, library, task)  # noqa: E731
     try:
-        report = evaluate(model, tokenizer, tasks, config, before_task, show_progress)
+        if routing_plot and method != "base":
+            from quiver.report import routing_heatmap
+            from quiver.reuse import recording_routing
+
+            with recording_routing(model) as counts:
+                report = evaluate(model, tokenizer, tasks, config, before_task, show_progress)
+            routing_heatmap(counts, names, routing_plot, f"{method} routing choices per layer")
+            report["routing"] = {layer: c.tolist() for layer, c in counts.items()}
+        else:
+            report = evaluate(model, tokenizer, tasks, config, before_task, show_progress)
     finally:
         if method != "base":
             from quiver.routing import detach_experts

@@ -55,3 +55,40 @@ def write_report(report: dict, path: Path) -> None:
     staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
     staging.write_text(json.dumps(report, indent=1))
     staging.replace(path)
+
+
+def comparison_table(reports: list[dict], metric: str) -> Table:
+    """One row per task, one column per method: `metric` of each (and the average)."""
+    table = Table("task", *[r["method"] for r in reports], title=f"{metric} (%)")
+    for task in reports[0]["tasks"]:
+        table.add_row(task.removeprefix("bigbench:"),
+                      *[f"{r['tasks'][task].get(metric, float('nan')):.1f}" for r in reports])
+    table.add_section()
+    table.add_row("average", *[f"{r['average'].get(metric, float('nan')):.1f}" for r in reports])
+    return table
+
+
+def routing_heatmap(counts: dict, expert_names: list[str], path: Path, title: str) -> None:
+    """Save a heatmap: rows are layers, columns experts, colour the share of tokens routed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = list(counts)
+    shares = np.stack([counts[name].double().numpy() for name in layers])
+    shares = shares / np.maximum(shares.sum(1, keepdims=True), 1)
+    height = min(40, 2 + 0.12 * len(layers))
+    figure, axis = plt.subplots(figsize=(2 + 0.35 * len(expert_names), height))
+    image = axis.imshow(shares, aspect="auto", cmap="viridis", interpolation="nearest")
+    axis.set_xticks(range(len(expert_names)), expert_names, rotation=90, fontsize=7)
+    axis.set_yticks(range(len(layers)), [n.removeprefix("model.") for n in layers], fontsize=5)
+    axis.set_xlabel("expert")
+    axis.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=axis, label="share of routing choices")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

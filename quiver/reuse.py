@@ -9,6 +9,10 @@ The model is changed in place (its adapted linear layers become `RoutedLinear`) 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 from torch import nn
 
 from quiver.errors import QuiverError
@@ -112,3 +116,18 @@ def check_same_base(model: nn.Module, library: Library, names: list[str]) -> Non
         if info.base_fingerprint not in (None, model_print):
             raise QuiverError(f"expert {name!r} was trained on another base model "
                               f"({info.base_model}, {info.base_fingerprint})")
+
+
+@contextmanager
+def recording_routing(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Count, per layer, how often each expert is chosen while the block runs.
+
+    Yields `{layer name: counts (E,)}` indexed like `routing_context(model).expert_names`.
+    """
+    context = routing_context(model)
+    context.counts = {layer.name: torch.zeros(len(context.expert_names), dtype=torch.long)
+                      for layer in context.layers}
+    try:
+        yield context.counts
+    finally:
+        context.counts = None

@@ -100,12 +100,15 @@ def test_merge_and_eval_commands(tmp_path):
     (tmp_path / "tasks.txt").write_text("# held out\narithmetic/2_digit_addition\n")
     out = tmp_path / "report.json"
     done = quiver("eval", "--method", "arrow", "--library", lib, "--base", "tiny-llama",
-                  "--tasks-file", tmp_path / "tasks.txt", "--limit", 3, "--out", out)
+                  "--tasks-file", tmp_path / "tasks.txt", "--limit", 3, "--out", out,
+                  "--routing-plot", tmp_path / "routing.png")
     assert done.returncode == 0, done.stderr
     assert "average" in done.stdout
     report = json.loads(out.read_text())
     assert report["tasks"]["bigbench:arithmetic/2_digit_addition"]["examples"] == 3
     assert report["experts"] == ["add", "avg", "sub"]
+    assert (tmp_path / "routing.png").stat().st_size > 1000
+    assert len(report["routing"]) == 14 and all(sum(c) > 0 for c in report["routing"].values())
     seen = quiver("eval", "--method", "expert:add", "--library", lib, "--base", "tiny-llama",
                   "--task", "arithmetic/1_digit_addition", "--limit", 2)
     assert seen.returncode == 2 and "not zero-shot" in seen.stderr
