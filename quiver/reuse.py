@@ -9,6 +9,7 @@ The model is changed in place (its adapted linear layers become `RoutedLinear`) 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,7 +28,7 @@ from quiver.routing import (
     UniformRouter,
     attach_experts,
 )
-from quiver.transforms.arrow import library_prototypes
+from quiver.transforms.arrow import stored_prototypes
 
 METHODS = ("arrow", "uniform", "centroid", "phatgoose", "oracle")
 
@@ -55,7 +56,8 @@ def reuse(
     names = library.names() if experts is None else list(experts)
     check_same_base(model, library, names)
     if method == "arrow":
-        router, keys = ArrowRouter(top_k or 4, temperature), library_prototypes(library, names)
+        router = ArrowRouter(top_k or 4, temperature)
+        keys = functools.partial(stored_prototypes, library)  # read one expert at a time
     elif method == "uniform":
         router, keys = UniformRouter(), None
     elif method in ("centroid", "phatgoose"):

@@ -8,6 +8,7 @@ transformers object, so `model(input_ids=...)`, `generate` (with its KV cache), 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,14 +57,17 @@ def attach_experts(
     model: nn.Module,
     experts: list[Expert],
     router,
-    keys: dict[str, dict[str, torch.Tensor]] | None = None,
+    keys: dict[str, dict[str, torch.Tensor]] | Callable[[str], dict] | None = None,
     mixture: MixtureStrategy | None = None,
 ) -> RoutingContext:
     """Replace the adapted linear layers of `model` by routed layers over `experts`.
 
     Args:
         keys: `{expert name: {module: vector (in,)}}`, the router's per-layer vectors
-            (prototypes, centroids, gates); None for routers that need none.
+            (prototypes, centroids, gates), or a function from an expert's name to its
+            `{module: vector}` (read one expert at a time); None for routers that need none.
+            A dict is consumed: each expert's entry is removed once stacked, so the vectors
+            are never held twice.
 
     Raises:
         QuiverError: the model is already routed, or an expert adapts a module it lacks.
@@ -79,15 +83,25 @@ def attach_experts(
               for module, members in plan.items()}
     for index, expert in enumerate(experts):  # one expert's weights in memory at a time
         factors = expert.lora_factors()
+        expert_keys = None
+        if callable(keys):
+            expert_keys = keys(expert.name)
+        elif keys is not None:
+            expert_keys = keys.pop(expert.name)
         for module, members in plan.items():
             if index in members:
-                _fill(stacks[module], members.index(index), factors, module, expert)
+                slot = members.index(index)
+                _fill(stacks[module], slot, factors, module, expert)
+                if expert_keys is not None:
+                    _fill_key(stacks[module], slot, expert_keys[module])
         expert.drop_weights()
     for module, members in plan.items():
         base = model.get_submodule(module)
         a_stack = stacks[module].a
         b_rows = stacks[module].b.reshape(-1, base.out_features)  # (E*R, out), a view
-        layer_keys = _layer_keys(keys, experts, members, module, a_stack)
+        layer_keys = stacks[module].keys
+        if layer_keys is None:  # routers without keys only need the expert count
+            layer_keys = a_stack.new_zeros(len(members), 0)
         layer = RoutedLinear(base, a_stack, b_rows, layer_keys,
                              torch.tensor(members, device=base.weight.device), context,
                              mixture, module)
@@ -135,6 +149,7 @@ class _Stack:
     count: int
     a: torch.Tensor | None = None  # (E, R, in)
     b: torch.Tensor | None = None  # (E, R, out): s * B transposed, scaling folded in
+    keys: torch.Tensor | None = None  # (E, in): the router's vectors, if it has any
 
 
 def _empty_stack(base: nn.Linear, members: list[int]) -> _Stack:
@@ -157,10 +172,10 @@ def _fill(stack: _Stack, slot: int, factors, module: str, expert: Expert) -> Non
     stack.b[slot, :rank] = (b * expert.scaling).T.to(like.dtype)
 
 
-def _layer_keys(keys, experts, members, module, a_stack) -> torch.Tensor:
-    if keys is None:
-        return a_stack.new_zeros(len(members), 0)
-    return torch.stack([keys[experts[i].name][module] for i in members]).to(a_stack)
+def _fill_key(stack: _Stack, slot: int, key: torch.Tensor) -> None:
+    if stack.keys is None:
+        stack.keys = stack.base.weight.new_zeros(stack.count, key.shape[-1])
+    stack.keys[slot] = key.to(stack.keys.dtype)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -46,13 +46,14 @@ def library_prototypes(library: Library, names: list[str]) -> dict[str, dict[str
     An expert's prototypes are derived data keyed by its content hash, so adding an expert
     computes only its own, and a changed expert never reuses stale ones.
     """
-    result = {}
-    for name in names:
-        stored = library.get_derived(name, KIND, {"method": "qr-svd"})
-        if stored is None:
-            prototypes = expert_prototypes(library.get(name).lora_factors())
-            library.put_derived(name, KIND, {"method": "qr-svd"}, prototypes, meta={})
-        else:
-            prototypes = stored[0]
-        result[name] = prototypes
-    return result
+    return {name: stored_prototypes(library, name) for name in names}
+
+
+def stored_prototypes(library: Library, name: str) -> dict[str, torch.Tensor]:
+    """One expert's prototypes from the library, computed and stored first if missing."""
+    stored = library.get_derived(name, KIND, {"method": "qr-svd"})
+    if stored is not None:
+        return stored[0]
+    prototypes = expert_prototypes(library.get(name).lora_factors())
+    library.put_derived(name, KIND, {"method": "qr-svd"}, prototypes, meta={})
+    return prototypes
