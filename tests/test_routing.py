@@ -28,11 +28,16 @@ def test_every_mixture_strategy_equals_the_token_by_token_sum(tokens, experts, k
             e = indices[t, j]
             expected[t] += weights[t, j] * (b[e] @ (a[e] @ x[t]))
     b_rows = b.permute(0, 2, 1).reshape(experts * 5, 16)  # row e*R + j: column j of B_e
+    base = torch.randn(tokens, 16)
+    h = x @ a.reshape(experts * 5, 24).T  # what the layer passes when it fused the A side
     for name, mixture in MIXTURES.items():
-        torch.testing.assert_close(mixture(x, weights, indices, a, b_rows), expected,
-                                   rtol=1e-4, atol=1e-4, msg=name)
-    chosen = MixtureStrategy()(x, weights, indices, a, b_rows)
-    torch.testing.assert_close(chosen, expected, rtol=1e-4, atol=1e-4)
+        for precomputed in (None, h):
+            y = base.clone()
+            mixture(x, weights, indices, a, b_rows, y, precomputed)  # adds into y
+            torch.testing.assert_close(y, base + expected, rtol=1e-4, atol=1e-4, msg=name)
+    strategy = MixtureStrategy().choose(tokens, a, 16, k, x.dtype,
+                                        lambda: (x, weights, indices, a, b_rows))
+    assert strategy in MIXTURES
 
 
 @pytest.mark.parametrize("rank", [1, 4, 8])

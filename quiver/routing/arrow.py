@@ -21,8 +21,12 @@ class ArrowRouter:
     top_k: int = 4
     temperature: float = 1.0
     keys_kind = "arrow"
+    takes_projections = True
 
-    def __call__(self, x: torch.Tensor, keys: torch.Tensor):
-        logits = (x @ keys.T).abs() / self.temperature  # (t, E)
+    def __call__(self, x: torch.Tensor, keys: torch.Tensor, projections=None):
+        projections = x @ keys.T if projections is None else projections  # (t, E)
+        logits = projections.abs()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         top = logits.topk(min(self.top_k, keys.shape[0]), dim=-1)  # (t, k)
         return torch.softmax(top.values, dim=-1), top.indices

@@ -19,9 +19,11 @@ class CentroidRouter:
     top_k: int | None = None
     temperature: float = 1.0
     keys_kind = "centroid"
+    takes_projections = True
 
-    def __call__(self, x: torch.Tensor, keys: torch.Tensor):
-        logits = (x @ keys.T) / (math.sqrt(x.shape[-1]) * self.temperature)  # (t, E)
+    def __call__(self, x: torch.Tensor, keys: torch.Tensor, projections=None):
+        projections = x @ keys.T if projections is None else projections  # (t, E)
+        logits = projections / (math.sqrt(x.shape[-1]) * self.temperature)
         k = keys.shape[0] if self.top_k is None else min(self.top_k, keys.shape[0])
         top = logits.topk(k, dim=-1)  # (t, k)
         return torch.softmax(top.values, dim=-1), top.indices

@@ -31,35 +31,40 @@ import torch
 from torch import nn
 
 # ----------------------------------------------------------------------------- mixtures
-# Every mixture takes x (t, in), weights and indices (t, k), a_stack (E, R, in) and b_rows
-# (E*R, out), where row e*R + j of b_rows is column j of expert e's s*B, and returns (t, out).
+# Every mixture takes x (t, in), weights and indices (t, k), a_stack (E, R, in), b_rows
+# (E*R, out), where row e*R + j of b_rows is column j of expert e's s*B, the output y (t, out)
+# to add into (in place), and optionally h = x @ A^T (t, E*R) when the caller already has it.
 
 
-def mixture_dense(x, weights, indices, a_stack, b_rows) -> torch.Tensor:
+def _h_all(x, a_stack, h):
+    n_experts, rank, fan_in = a_stack.shape
+    return h if h is not None else x @ a_stack.reshape(n_experts * rank, fan_in).T  # (t, E*R)
+
+
+def mixture_dense(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
     """Every expert on every token; coefficients are zero outside each token's top-k."""
-    n_experts, rank, fan_in = a_stack.shape
+    n_experts, rank, _ = a_stack.shape
     t = x.shape[0]
-    h = x @ a_stack.reshape(n_experts * rank, fan_in).T  # (t, E*R)
     coef = x.new_zeros(t, n_experts).scatter_(1, indices, weights)  # (t, E)
-    h = (h.view(t, n_experts, rank) * coef[:, :, None]).view(t, n_experts * rank)
-    return h @ b_rows  # (t, out)
+    h = (_h_all(x, a_stack, h).view(t, n_experts, rank) * coef[:, :, None])  # (t, E, R)
+    y.addmm_(h.view(t, n_experts * rank), b_rows)  # y += h @ b_rows
 
 
-def mixture_dense_a(x, weights, indices, a_stack, b_rows) -> torch.Tensor:
+def mixture_dense_a(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
     """A side dense (one GEMM), B side only for the chosen experts (a fused embedding_bag)."""
-    n_experts, rank, fan_in = a_stack.shape
+    n_experts, rank, _ = a_stack.shape
     t, k = indices.shape
-    h = (x @ a_stack.reshape(n_experts * rank, fan_in).T).view(t, n_experts, rank)  # (t, E, R)
+    h = _h_all(x, a_stack, h).view(t, n_experts, rank)  # (t, E, R)
     h = h.gather(1, indices[..., None].expand(t, k, rank)) * weights[..., None]  # (t, k, R)
-    return _b_side(h, indices, b_rows, rank)
+    y += _b_side(h, indices, b_rows, rank)
 
 
-def mixture_bag(x, weights, indices, a_stack, b_rows) -> torch.Tensor:
+def mixture_bag(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
     """Only the chosen (token, expert) pairs: gathered A rows, then a fused embedding_bag."""
     rank = a_stack.shape[1]
     a = a_stack[indices]  # (t, k, R, in)
     h = torch.einsum("ti,tkri->tkr", x, a) * weights[..., None]  # (t, k, R)
-    return _b_side(h, indices, b_rows, rank)
+    y += _b_side(h, indices, b_rows, rank)
 
 
 def _b_side(h, indices, b_rows, rank) -> torch.Tensor:
@@ -70,7 +75,7 @@ def _b_side(h, indices, b_rows, rank) -> torch.Tensor:
                                        per_sample_weights=h.reshape(t, k * rank))  # (t, out)
 
 
-def mixture_grouped(x, weights, indices, a_stack, b_rows) -> torch.Tensor:
+def mixture_grouped(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
     """Tokens sorted by expert, one small matmul pair per active expert."""
     t, k = indices.shape
     rank = a_stack.shape[1]
@@ -79,18 +84,17 @@ def mixture_grouped(x, weights, indices, a_stack, b_rows) -> torch.Tensor:
     tokens = order // k  # (t*k,) token of each sorted pair
     pair_weights = weights.reshape(-1)[order]  # (t*k,)
     counts = torch.bincount(flat, minlength=a_stack.shape[0]).tolist()
-    out = x.new_zeros(t, b_rows.shape[1])  # (t, out)
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
         rows = tokens[start : start + count]  # (c,)
-        h = x[rows] @ a_stack[expert].T * pair_weights[start : start + count, None]  # (c, R)
-        out.index_add_(0, rows, h @ b_rows[expert * rank : (expert + 1) * rank])  # (c, out)
+        part = x[rows] @ a_stack[expert].T * pair_weights[start : start + count, None]  # (c, R)
+        y.index_add_(0, rows, part @ b_rows[expert * rank : (expert + 1) * rank])  # (c, out)
         start += count
-    return out
 
 
+DENSE_A = ("dense", "dense-a")  # the strategies that compute x @ A^T for every expert
 MIXTURES: dict[str, Callable] = {
     "dense": mixture_dense,
     "dense-a": mixture_dense_a,
@@ -113,22 +117,40 @@ class MixtureStrategy:
         self.repeats = repeats
         self.choices: dict[tuple, str] = {}
 
-    def __call__(self, x, weights, indices, a_stack, b_rows) -> torch.Tensor:
+    def known(self, tokens: int, a_stack, out_features: int, k: int | None, dtype) -> str | None:
+        """The strategy already chosen for this case, or None before its first measurement."""
         if self.fixed is not None:
-            return MIXTURES[self.fixed](x, weights, indices, a_stack, b_rows)
-        bucket = 1 << max(0, (x.shape[0] - 1).bit_length())  # next power of two
-        key = (tuple(a_stack.shape), b_rows.shape[1], indices.shape[1], bucket, x.dtype)
+            return self.fixed
+        if k is None:
+            return None
+        return self.choices.get(self._key(tokens, a_stack, out_features, k, dtype))
+
+    @staticmethod
+    def _key(tokens, a_stack, out_features, k, dtype) -> tuple:
+        bucket = 1 << max(0, (tokens - 1).bit_length())  # next power of two
+        return (tuple(a_stack.shape), out_features, k, bucket, dtype)
+
+    def choose(self, tokens: int, a_stack, out_features: int, k: int, dtype,
+               sample: Callable[[], tuple] | None = None) -> str:
+        """The strategy for `tokens` tokens on a layer of this shape (measured on first use).
+
+        `sample` returns (x, weights, indices, a_stack, b_rows) to time the strategies on.
+        """
+        if self.fixed is not None:
+            return self.fixed
+        key = self._key(tokens, a_stack, out_features, k, dtype)
         if key not in self.choices:
-            self.choices[key] = self._measure(x, weights, indices, a_stack, b_rows)
-        return MIXTURES[self.choices[key]](x, weights, indices, a_stack, b_rows)
+            self.choices[key] = self._measure(*sample())
+        return self.choices[key]
 
     def _measure(self, x, weights, indices, a_stack, b_rows) -> str:
         timings = {}
+        y = x.new_zeros(x.shape[0], b_rows.shape[1])
         for name, mixture in MIXTURES.items():
-            mixture(x, weights, indices, a_stack, b_rows)  # warm up
+            mixture(x, weights, indices, a_stack, b_rows, y)  # warm up
             started = time.perf_counter()
             for _ in range(self.repeats):
-                mixture(x, weights, indices, a_stack, b_rows)
+                mixture(x, weights, indices, a_stack, b_rows, y)
             timings[name] = time.perf_counter() - started
         return min(timings, key=timings.get)
 
@@ -162,6 +184,8 @@ class RoutedLinear(nn.Module):
         self.context = context
         self.mixture = mixture
         self.name = name
+        self._fused: torch.Tensor | None = None
+        self._fused_source: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -176,11 +200,38 @@ class RoutedLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (..., out)
+        y = self.base(x)  # (..., out), a fresh tensor the mixture adds into
         flat = x.reshape(-1, x.shape[-1])  # (t, in)
-        weights, indices = self.context.route(self, flat)  # (t, k), (t, k)
-        delta = self.mixture(flat, weights.to(flat.dtype), indices, self.a_stack, self.b_rows)
-        return y + delta.view(y.shape)
+        out = y.view(-1, y.shape[-1])  # (t, out)
+        n_experts = self.a_stack.shape[0]
+        strategy = self.mixture.known(flat.shape[0], self.a_stack, self.out_features,
+                                      self.context.top_k(n_experts), flat.dtype)
+        h = None
+        if strategy in DENSE_A and self._can_fuse():  # routing and x @ A^T in one GEMM
+            both = flat @ self._fused_keys_and_a().T  # (t, E + E*R)
+            projections, h = both[:, :n_experts], both[:, n_experts:]
+            weights, indices = self.context.route(self, flat, projections)
+        else:
+            weights, indices = self.context.route(self, flat)  # (t, k), (t, k)
+        weights = weights.to(flat.dtype)
+        if strategy is None:
+            strategy = self.mixture.choose(
+                flat.shape[0], self.a_stack, self.out_features, indices.shape[1], flat.dtype,
+                lambda: (flat, weights, indices, self.a_stack, self.b_rows))
+        MIXTURES[strategy](flat, weights, indices, self.a_stack, self.b_rows, out, h)
+        return y
+
+    def _can_fuse(self) -> bool:
+        return (self.keys.shape[1] > 0 and not self.keys.requires_grad
+                and self.context.forced is None
+                and getattr(self.context.router, "takes_projections", False))
+
+    def _fused_keys_and_a(self) -> torch.Tensor:
+        """[keys; A] as one (E + E*R, in) matrix, built on first use (small E only)."""
+        if self._fused is None or self._fused_source is not self.keys:
+            self._fused = torch.cat([self.keys, self.a_stack.reshape(-1, self.in_features)])
+            self._fused_source = self.keys
+        return self._fused
 
     def extra_repr(self) -> str:
         n_experts, rank, _ = self.a_stack.shape

@@ -17,6 +17,7 @@ from torch import nn
 from quiver.errors import QuiverError
 from quiver.library import Expert
 from quiver.routing.layer import MixtureStrategy, RoutedLinear
+from quiver.routing.uniform import UniformRouter
 
 
 @dataclass
@@ -34,10 +35,14 @@ class RoutingContext:
     counts: dict[str, torch.Tensor] | None = None
     layers: list[RoutedLinear] = field(default_factory=list)
 
-    def route(self, layer: RoutedLinear, x: torch.Tensor):
-        """(weights (t, k), local expert indices (t, k)) for the t tokens of `x` (t, in)."""
+    def route(self, layer: RoutedLinear, x: torch.Tensor, projections=None):
+        """(weights (t, k), local expert indices (t, k)) for the t tokens of `x` (t, in).
+
+        `projections` is x @ keys^T when the layer has already computed it."""
         if self.forced is not None:
             weights, indices = self._forced_route(layer, x.shape[0])
+        elif projections is not None:
+            weights, indices = self.router(x, layer.keys, projections)
         else:
             weights, indices = self.router(x, layer.keys)
         if self.counts is not None:
@@ -46,6 +51,15 @@ class RoutingContext:
                 chosen.cpu(), minlength=len(self.expert_names)
             )
         return weights, indices
+
+    def top_k(self, n_experts: int) -> int | None:
+        """How many experts each token gets at a layer with `n_experts` (None: not fixed)."""
+        if self.forced is not None:
+            return 1
+        k = getattr(self.router, "top_k", None)
+        if isinstance(self.router, UniformRouter) or k is None:
+            return n_experts if isinstance(self.router, UniformRouter) else None
+        return min(k, n_experts)
 
     def _forced_route(self, layer: RoutedLinear, tokens: int):
         local = layer.local_index[self.forced]  # -1 where this layer lacks the expert

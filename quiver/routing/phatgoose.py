@@ -24,7 +24,7 @@ class PhatgooseRouter:
     top_k: int = 2
     keys_kind = "phatgoose"
 
-    def __call__(self, x: torch.Tensor, keys: torch.Tensor):
+    def __call__(self, x: torch.Tensor, keys: torch.Tensor, projections=None):
         logits = standardise(x) @ standardise(keys).T / math.sqrt(x.shape[-1])  # (t, E)
         top = logits.topk(min(self.top_k, keys.shape[0]), dim=-1)  # (t, k)
         return torch.softmax(top.values, dim=-1), top.indices

@@ -15,7 +15,7 @@ import torch
 class UniformRouter:
     keys_kind = None
 
-    def __call__(self, x: torch.Tensor, keys: torch.Tensor):
+    def __call__(self, x: torch.Tensor, keys: torch.Tensor, projections=None):
         t, n_experts = x.shape[0], keys.shape[0]  # keys: (E, 0), only their count matters
         weights = x.new_full((t, n_experts), 1.0 / n_experts)  # (t, E)
         indices = torch.arange(n_experts, device=x.device).expand(t, n_experts)  # (t, E)

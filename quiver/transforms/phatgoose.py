@@ -32,7 +32,7 @@ class SigmoidGate:
 
     keys_kind = "phatgoose"
 
-    def __call__(self, x: torch.Tensor, keys: torch.Tensor):
+    def __call__(self, x: torch.Tensor, keys: torch.Tensor, projections=None):
         weights = torch.sigmoid(x @ keys.T)  # (t, 1)
         return weights, torch.zeros_like(weights, dtype=torch.long)
 
