@@ -200,6 +200,7 @@ def eval_command(
     allow_seen: bool = typer.Option(False, help="allow tasks the experts were trained on"),
     out: Path = typer.Option(None, help="write the report as JSON here"),
     routing_plot: Path = typer.Option(None, help="save a heatmap of the routing choices here"),
+    gate_steps: int = typer.Option(100, help="PHATGOOSE: gate training steps per expert"),
     config: EvalConfig = None,
 ) -> None:
     """Evaluate a method on held-out tasks and print the per-task table."""
@@ -210,7 +211,7 @@ def eval_command(
     if not names:
         raise QuiverError("no tasks: pass --task or --tasks-file")
     report = evaluate_method(method, names, library, base, config, allow_seen, top_k,
-                             temperature, routing_plot=routing_plot)
+                             temperature, routing_plot=routing_plot, gate_steps=gate_steps)
     console.print(eval_table(report))
     if out:
         write_report(report, out)

@@ -98,6 +98,7 @@ def evaluate_method(
     show_progress: bool = True,
     model_and_tokenizer=None,
     routing_plot=None,
+    gate_steps: int = 100,
 ) -> dict:
     """Evaluate a base model, one expert, or a routed library on tasks; returns the report.
 
@@ -127,7 +128,7 @@ def evaluate_method(
         reuse(model, library, method="uniform", experts=names)
     elif method != "base":
         reuse(model, library, method=method, experts=names, top_k=top_k,
-              temperature=temperature, tokenizer=tokenizer)
+              temperature=temperature, tokenizer=tokenizer, gate_steps=gate_steps)
     if method == "oracle":
         context = routing_context(model)
         before_task = lambda task: _route_to_own_expert(context, library, task)  # noqa: E731
@@ -150,6 +151,7 @@ def evaluate_method(
     report.update(
         method=method,
         settings={"top_k": top_k, "temperature": temperature, "split": config.split,
+                  "gate_steps": gate_steps if method == "phatgoose" else None,
                   "limit": config.limit, "allow_seen": allow_seen},
         experts=names,
         model=base,

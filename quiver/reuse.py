@@ -42,13 +42,14 @@ def reuse(
     temperature: float = 1.0,
     mixture: str | None = None,
     tokenizer=None,
+    gate_steps: int = 100,
 ) -> nn.Module:
     """Attach the library's experts (all by default) to `model`, routed by `method`.
 
     `top_k` defaults to each method's own: 4 for Arrow (the paper), 2 for PHATGOOSE, every
     expert for centroid routing. `centroid` and `phatgoose` need the tokenizer: missing
     centroids or gates are computed with `model` (over the experts' own training tasks) and
-    stored in the library first.
+    stored in the library first (PHATGOOSE gates train for `gate_steps` steps per expert).
 
     Raises:
         QuiverError: unknown method or expert, or a library made for another base model.
@@ -62,7 +63,7 @@ def reuse(
         router, keys = UniformRouter(), None
     elif method in ("centroid", "phatgoose"):
         router, keys = _learned_keys(method, model, tokenizer, library, names, top_k,
-                                     temperature)
+                                     temperature, gate_steps)
     elif method == "oracle":  # the caller sets routing_context(model).forced per task
         router, keys = _unset_oracle, None
     else:
@@ -73,7 +74,7 @@ def reuse(
     return model
 
 
-def _learned_keys(method, model, tokenizer, library, names, top_k, temperature):
+def _learned_keys(method, model, tokenizer, library, names, top_k, temperature, gate_steps):
     if tokenizer is None:
         raise QuiverError(f"{method} routing needs the tokenizer to compute its keys")
     if method == "centroid":
@@ -83,7 +84,8 @@ def _learned_keys(method, model, tokenizer, library, names, top_k, temperature):
         return CentroidRouter(top_k, temperature), keys
     from quiver.transforms.phatgoose import library_gates
 
-    return PhatgooseRouter(top_k or 2), library_gates(model, tokenizer, library, names)
+    return PhatgooseRouter(top_k or 2), library_gates(model, tokenizer, library, names,
+                                                      steps=gate_steps)
 
 
 def _unset_oracle(x, keys):

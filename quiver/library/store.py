@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -293,6 +294,17 @@ class Library:
         record = json.loads(self.fs.cat_file(stem + ".json"))
         tensors = decode_weights(self.fs.cat_file(stem + ".safetensors"), stem + ".safetensors")
         return tensors, record["meta"]
+
+    def derived(self, name: str, kind: str, config: dict,
+                compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Derived tensors of an expert: read if stored with this config, else computed by
+        `compute()`, stored, and returned (so each expert's are computed once)."""
+        stored = self.get_derived(name, kind, config)
+        if stored is not None:
+            return stored[0]
+        tensors = compute()
+        self.put_derived(name, kind, config, tensors, meta={})
+        return tensors
 
     # ------------------------------------------------------------- run state
     def run_state(self, name: str) -> RunState:

@@ -171,10 +171,12 @@ class RoutedLinear(nn.Module):
         context: the routed model's shared state: its router, which maps (x (t, in), keys)
             to (weights (t, k), local indices (t, k)), forced routes and routing counts.
         mixture: a `MixtureStrategy`.
+        fused: (E + E*R, in), keys and A in one matrix of which `keys` and `a_stack` are
+            views, so routing and the dense A side can share a GEMM; None without keys.
     """
 
     def __init__(self, base: nn.Linear, a_stack, b_rows, keys, expert_ids, context,
-                 mixture: MixtureStrategy, name: str) -> None:
+                 mixture: MixtureStrategy, name: str, fused=None) -> None:
         super().__init__()
         self.base = base
         self.register_buffer("a_stack", a_stack, persistent=False)
@@ -184,8 +186,7 @@ class RoutedLinear(nn.Module):
         self.context = context
         self.mixture = mixture
         self.name = name
-        self._fused: torch.Tensor | None = None
-        self._fused_source: torch.Tensor | None = None
+        self._fused = fused
 
     @property
     def in_features(self) -> int:
@@ -208,7 +209,7 @@ class RoutedLinear(nn.Module):
                                       self.context.top_k(n_experts), flat.dtype)
         h = None
         if strategy in DENSE_A and self._can_fuse():  # routing and x @ A^T in one GEMM
-            both = flat @ self._fused_keys_and_a().T  # (t, E + E*R)
+            both = flat @ self._fused.T  # (t, E + E*R)
             projections, h = both[:, :n_experts], both[:, n_experts:]
             weights, indices = self.context.route(self, flat, projections)
         else:
@@ -222,16 +223,11 @@ class RoutedLinear(nn.Module):
         return y
 
     def _can_fuse(self) -> bool:
-        return (self.keys.shape[1] > 0 and not self.keys.requires_grad
+        """True while `keys` is still the view into `_fused` (PHATGOOSE training replaces
+        them) and the router scores tokens from x @ keys^T."""
+        return (self._fused is not None and self.keys.data_ptr() == self._fused.data_ptr()
                 and self.context.forced is None
                 and getattr(self.context.router, "takes_projections", False))
-
-    def _fused_keys_and_a(self) -> torch.Tensor:
-        """[keys; A] as one (E + E*R, in) matrix, built on first use (small E only)."""
-        if self._fused is None or self._fused_source is not self.keys:
-            self._fused = torch.cat([self.keys, self.a_stack.reshape(-1, self.in_features)])
-            self._fused_source = self.keys
-        return self._fused
 
     def extra_repr(self) -> str:
         n_experts, rank, _ = self.a_stack.shape

@@ -114,11 +114,16 @@ def attach_experts(
         a_stack = stacks[module].a
         b_rows = stacks[module].b.reshape(-1, base.out_features)  # (E*R, out), a view
         layer_keys = stacks[module].keys
+        fused = None
         if layer_keys is None:  # routers without keys only need the expert count
             layer_keys = a_stack.new_zeros(len(members), 0)
+        else:  # keys and A in one matrix, so routing and x @ A^T can share a GEMM
+            fused = torch.cat([layer_keys, a_stack.reshape(-1, base.in_features)])
+            layer_keys, a_stack = fused[: len(members)], fused[len(members) :].view(a_stack.shape)
+        stacks[module] = None  # free the separate copies
         layer = RoutedLinear(base, a_stack, b_rows, layer_keys,
                              torch.tensor(members, device=base.weight.device), context,
-                             mixture, module)
+                             mixture, module, fused)
         local_index = torch.full((len(experts),), -1, dtype=torch.long)
         local_index[members] = torch.arange(len(members))
         layer.register_buffer("local_index", local_index.to(base.weight.device), persistent=False)

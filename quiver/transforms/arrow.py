@@ -51,9 +51,5 @@ def library_prototypes(library: Library, names: list[str]) -> dict[str, dict[str
 
 def stored_prototypes(library: Library, name: str) -> dict[str, torch.Tensor]:
     """One expert's prototypes from the library, computed and stored first if missing."""
-    stored = library.get_derived(name, KIND, {"method": "qr-svd"})
-    if stored is not None:
-        return stored[0]
-    prototypes = expert_prototypes(library.get(name).lora_factors())
-    library.put_derived(name, KIND, {"method": "qr-svd"}, prototypes, meta={})
-    return prototypes
+    return library.derived(name, KIND, {"method": "qr-svd"},
+                           lambda: expert_prototypes(library.get(name).lora_factors()))

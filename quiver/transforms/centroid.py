@@ -56,15 +56,11 @@ def library_centroids(model, tokenizer, library: Library, names: list[str],
                       task_loader: Callable[[str], Task] = load_task) -> dict[str, dict]:
     """Centroids of each named expert, computed once (with `model`) and stored in the library."""
     config = {"examples": n_examples, "split": "train"}
-    result = {}
-    for name in names:
-        stored = library.get_derived(name, KIND, config)
-        if stored is None:
-            expert = library.get(name)
-            tasks = [task_loader(t) for t in expert.info.tasks]
-            centroids = expert_centroids(model, tokenizer, expert, tasks, n_examples)
-            library.put_derived(name, KIND, config, centroids, meta={})
-        else:
-            centroids = stored[0]
-        result[name] = centroids
-    return result
+
+    def compute(name: str) -> dict:
+        expert = library.get(name)
+        tasks = [task_loader(t) for t in expert.info.tasks]
+        return expert_centroids(model, tokenizer, expert, tasks, n_examples)
+
+    return {name: library.derived(name, KIND, config, lambda n=name: compute(n))
+            for name in names}

@@ -80,15 +80,11 @@ def library_gates(model, tokenizer, library: Library, names: list[str], steps: i
                   lr: float = 1e-3, task_loader: Callable[[str], Task] = load_task) -> dict:
     """Gates of each named expert, trained once (with `model`) and stored in the library."""
     config = {"steps": steps, "lr": lr, "batch_size": 8, "seed": 0}
-    result = {}
-    for name in names:
-        stored = library.get_derived(name, KIND, config)
-        if stored is None:
-            expert = library.get(name)
-            tasks = [task_loader(t) for t in expert.info.tasks]
-            gates = train_gates(model, tokenizer, expert, tasks, steps, lr)
-            library.put_derived(name, KIND, config, gates, meta={})
-        else:
-            gates = stored[0]
-        result[name] = gates
-    return result
+
+    def compute(name: str) -> dict:
+        expert = library.get(name)
+        tasks = [task_loader(t) for t in expert.info.tasks]
+        return train_gates(model, tokenizer, expert, tasks, steps, lr)
+
+    return {name: library.derived(name, KIND, config, lambda n=name: compute(n))
+            for name in names}
