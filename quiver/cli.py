@@ -201,6 +201,8 @@ def eval_command(
     out: Path = typer.Option(None, help="write the report as JSON here"),
     routing_plot: Path = typer.Option(None, help="save a heatmap of the routing choices here"),
     gate_steps: int = typer.Option(100, help="PHATGOOSE: gate training steps per expert"),
+    general: list[str] = typer.Option([], "--general", help="Arrow: general experts whose "
+                                      "mean update is subtracted first (GenKnowSub)"),
     config: EvalConfig = None,
 ) -> None:
     """Evaluate a method on held-out tasks and print the per-task table."""
@@ -211,7 +213,8 @@ def eval_command(
     if not names:
         raise QuiverError("no tasks: pass --task or --tasks-file")
     report = evaluate_method(method, names, library, base, config, allow_seen, top_k,
-                             temperature, routing_plot=routing_plot, gate_steps=gate_steps)
+                             temperature, routing_plot=routing_plot, gate_steps=gate_steps,
+                             general=general or None)
     console.print(eval_table(report))
     if out:
         write_report(report, out)

@@ -99,6 +99,7 @@ def evaluate_method(
     model_and_tokenizer=None,
     routing_plot=None,
     gate_steps: int = 100,
+    general: list[str] | None = None,
 ) -> dict:
     """Evaluate a base model, one expert, or a routed library on tasks; returns the report.
 
@@ -121,14 +122,15 @@ def evaluate_method(
     library = Library(library_url) if library_url else None
     names = _experts_for(method, library, experts)
     if method != "oracle" and not allow_seen:
-        _check_zero_shot(library, names, [t.name for t in tasks])
+        _check_zero_shot(library, names + list(general or []), [t.name for t in tasks])
     model, tokenizer = model_and_tokenizer or load_base(base)
     before_task = None
     if method.startswith("expert:"):
         reuse(model, library, method="uniform", experts=names)
     elif method != "base":
         reuse(model, library, method=method, experts=names, top_k=top_k,
-              temperature=temperature, tokenizer=tokenizer, gate_steps=gate_steps)
+              temperature=temperature, tokenizer=tokenizer, gate_steps=gate_steps,
+              general=general)
     if method == "oracle":
         context = routing_context(model)
         before_task = lambda task: _route_to_own_expert(context, library, task)  # noqa: E731
@@ -152,6 +154,7 @@ def evaluate_method(
         method=method,
         settings={"top_k": top_k, "temperature": temperature, "split": config.split,
                   "gate_steps": gate_steps if method == "phatgoose" else None,
+                  "general_experts": list(general or []),
                   "limit": config.limit, "allow_seen": allow_seen},
         experts=names,
         model=base,

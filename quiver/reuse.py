@@ -28,7 +28,8 @@ from quiver.routing import (
     UniformRouter,
     attach_experts,
 )
-from quiver.transforms.arrow import stored_prototypes
+from quiver.transforms.arrow import expert_prototypes, stored_prototypes
+from quiver.transforms.genknowsub import subtract_general
 
 METHODS = ("arrow", "uniform", "centroid", "phatgoose", "oracle")
 
@@ -43,6 +44,7 @@ def reuse(
     mixture: str | None = None,
     tokenizer=None,
     gate_steps: int = 100,
+    general: list[str] | None = None,
 ) -> nn.Module:
     """Attach the library's experts (all by default) to `model`, routed by `method`.
 
@@ -50,13 +52,23 @@ def reuse(
     expert for centroid routing. `centroid` and `phatgoose` need the tokenizer: missing
     centroids or gates are computed with `model` (over the experts' own training tasks) and
     stored in the library first (PHATGOOSE gates train for `gate_steps` steps per expert).
+    `general` (Arrow only) names general experts whose mean update is subtracted from every
+    routed expert first (GenKnowSub, in update space; see `quiver.transforms.genknowsub`).
 
     Raises:
         QuiverError: unknown method or expert, or a library made for another base model.
     """
     names = library.names() if experts is None else list(experts)
     check_same_base(model, library, names)
-    if method == "arrow":
+    experts_to_attach = library.experts(names)
+    if general and method != "arrow":
+        raise QuiverError("general-knowledge subtraction is supported with Arrow routing only")
+    if method == "arrow" and general:
+        check_same_base(model, library, list(general))
+        experts_to_attach = subtract_general(experts_to_attach, library.experts(general))
+        router = ArrowRouter(top_k or 4, temperature)
+        keys = {e.name: expert_prototypes(e.lora_factors()) for e in experts_to_attach}
+    elif method == "arrow":
         router = ArrowRouter(top_k or 4, temperature)
         keys = functools.partial(stored_prototypes, library)  # read one expert at a time
     elif method == "uniform":
@@ -68,7 +80,7 @@ def reuse(
         router, keys = _unset_oracle, None
     else:
         raise QuiverError(f"unknown routing method {method!r}: use one of {METHODS}")
-    context = attach_experts(model, library.experts(names), router, keys,
+    context = attach_experts(model, experts_to_attach, router, keys,
                              MixtureStrategy(fixed=mixture))
     model.quiver_routing = context
     return model

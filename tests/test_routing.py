@@ -183,3 +183,24 @@ def test_prototypes_are_computed_once_per_expert(tiny, tiny_library, tmp_path, m
     assert len(first["alpha"]) == 14
 
 
+
+
+def test_genknowsub_subtracts_the_mean_general_update_in_update_space(tiny, tiny_library):
+    model, tokenizer = tiny
+    ids = tokenizer("Repeat: cloud 4\nAnswer:", return_tensors="pt").input_ids
+    reference, _ = quiver.load_base("tiny-llama", device="cpu")
+    task, general = tiny_library.get("alpha"), tiny_library.get("beta")
+    with torch.no_grad():
+        for module, (a, b) in task.lora_factors().items():
+            reference.get_submodule(module).weight += task.scaling * b @ a
+        for module, (a, b) in general.lora_factors().items():
+            reference.get_submodule(module).weight -= general.scaling * b @ a
+    routed = quiver.reuse(model, tiny_library, method="arrow", experts=["alpha"],
+                          general=["beta"], top_k=1)
+    try:
+        torch.testing.assert_close(routed(ids).logits, reference(ids).logits, rtol=1e-4,
+                                   atol=1e-4)
+    finally:
+        detach_experts(model)
+    with pytest.raises(QuiverError, match="Arrow routing only"):
+        quiver.reuse(model, tiny_library, method="uniform", general=["beta"])
