@@ -121,6 +121,8 @@ def evaluate_method(
         raise QuiverError(f"method {method!r} needs a library (--library)")
     library = Library(library_url) if library_url else None
     names = _experts_for(method, library, experts)
+    if general and experts is None:  # the general experts are subtracted, not routed
+        names = [n for n in names if n not in set(general)]
     if method != "oracle" and not allow_seen:
         _check_zero_shot(library, names + list(general or []), [t.name for t in tasks])
     model, tokenizer = model_and_tokenizer or load_base(base)

@@ -59,6 +59,8 @@ def reuse(
         QuiverError: unknown method or expert, or a library made for another base model.
     """
     names = library.names() if experts is None else list(experts)
+    if experts is None and general:  # the general experts are subtracted, not routed
+        names = [n for n in names if n not in set(general)]
     check_same_base(model, library, names)
     experts_to_attach = library.experts(names)
     if general and method != "arrow":
