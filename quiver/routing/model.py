@@ -142,14 +142,14 @@ def detach_experts(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------- helpers
 def _modules_per_expert(model: nn.Module, experts: list[Expert]) -> dict[str, list[int]]:
     """`{module: [indices of the experts adapting it]}`, from adapter configs (no weights)."""
-    linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     plan: dict[str, list[int]] = {}
     for index, expert in enumerate(experts):
         targets = expert.adapter_config.get("target_modules") or []
         targets = {targets} if isinstance(targets, str) else set(targets)
         layers = expert.adapter_config.get("layers_to_transform")
         layers = {layers} if isinstance(layers, int) else set(layers or [])
-        for name in sorted(linear):
+        for name in linear:  # model order, so reports list layers top to bottom
             if name.rsplit(".", 1)[-1] not in targets and name not in targets:
                 continue
             if layers and not any(f".{i}." in f".{name}." for i in layers):
@@ -157,7 +157,8 @@ def _modules_per_expert(model: nn.Module, experts: list[Expert]) -> dict[str, li
             plan.setdefault(name, []).append(index)
     if not plan:
         raise QuiverError("the experts adapt no linear layer of this model")
-    return plan
+    position = {name: i for i, name in enumerate(linear)}
+    return dict(sorted(plan.items(), key=lambda item: position[item[0]]))
 
 
 @dataclass
