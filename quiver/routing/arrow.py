@@ -20,7 +20,6 @@ import torch
 class ArrowRouter:
     top_k: int = 4
     temperature: float = 1.0
-    keys_kind = "arrow"
     takes_projections = True
 
     def __call__(self, x: torch.Tensor, keys: torch.Tensor, projections=None):

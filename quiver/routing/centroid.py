@@ -18,7 +18,6 @@ import torch
 class CentroidRouter:
     top_k: int | None = None
     temperature: float = 1.0
-    keys_kind = "centroid"
     takes_projections = True
 
     def __call__(self, x: torch.Tensor, keys: torch.Tensor, projections=None):

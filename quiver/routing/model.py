@@ -93,7 +93,7 @@ def attach_experts(
     mixture = mixture or MixtureStrategy()
     context = RoutingContext(router=router, expert_names=[e.name for e in experts])
     plan = _modules_per_expert(model, experts)
-    stacks = {module: _empty_stack(model.get_submodule(module), members)
+    stacks = {module: _Stack(model.get_submodule(module), len(members))
               for module, members in plan.items()}
     for index, expert in enumerate(experts):  # one expert's weights in memory at a time
         factors = expert.lora_factors()
@@ -170,10 +170,6 @@ class _Stack:
     a: torch.Tensor | None = None  # (E, R, in)
     b: torch.Tensor | None = None  # (E, R, out): s * B transposed, scaling folded in
     keys: torch.Tensor | None = None  # (E, in): the router's vectors, if it has any
-
-
-def _empty_stack(base: nn.Linear, members: list[int]) -> _Stack:
-    return _Stack(base, len(members))
 
 
 def _fill(stack: _Stack, slot: int, factors, module: str, expert: Expert) -> None:

@@ -22,7 +22,6 @@ def standardise(v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 @dataclass
 class PhatgooseRouter:
     top_k: int = 2
-    keys_kind = "phatgoose"
 
     def __call__(self, x: torch.Tensor, keys: torch.Tensor, projections=None):
         logits = standardise(x) @ standardise(keys).T / math.sqrt(x.shape[-1])  # (t, E)

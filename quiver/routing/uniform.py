@@ -13,7 +13,6 @@ import torch
 
 @dataclass
 class UniformRouter:
-    keys_kind = None
 
     def __call__(self, x: torch.Tensor, keys: torch.Tensor, projections=None):
         t, n_experts = x.shape[0], keys.shape[0]  # keys: (E, 0), only their count matters

@@ -30,7 +30,6 @@ KIND = "phatgoose"
 class SigmoidGate:
     """Routes every token to the single attached expert with weight sigmoid(x . v)."""
 
-    keys_kind = "phatgoose"
 
     def __call__(self, x: torch.Tensor, keys: torch.Tensor, projections=None):
         weights = torch.sigmoid(x @ keys.T)  # (t, 1)
