@@ -6,20 +6,18 @@ For a token x (length `in`) routed to experts i_1..i_k with weights w_1..w_k:
 
 Experts are stacked once when the layer is built: A as (E, R, in) and s*B as rows
 (E*R, out), where R is the largest rank among the experts (smaller ranks are zero-padded,
-which changes nothing). Four ways to compute the mixture give the same numbers at different
+which changes nothing). Three ways to compute the mixture give the same numbers at different
 costs (t tokens, k experts per token):
 
 - `dense`:   every expert on every token, coefficients zero outside the top-k.
              Cost t*E*R*(in+out) in two GEMMs; best when E*R is small.
 - `dense-a`: the A side as one GEMM (t*E*R*in), the B side only for the chosen experts,
-             as one fused `embedding_bag` (t*k*R*out, nothing copied); best for middle E.
-- `bag`:     only the chosen pairs: A rows gathered (t*k*R*in copied), B by `embedding_bag`.
-             Cost independent of E; best for large E.
-- `grouped`: tokens sorted by expert, one small matmul pair per active expert; exact cost
-             t*k*R*(in+out) plus a Python step per active expert.
+             as one fused `embedding_bag` (t*k*R*out, nothing copied).
+- `sparse`:  only the chosen pairs on both sides, t*k*R*(in+out), reading the stacked
+             factors in place: independent of E, best from a few dozen experts on.
 
 `MixtureStrategy` picks one per call from the token count, using timings measured once per
-layer shape (see `choose_strategy`).
+layer shape (see `MixtureStrategy.choose`).
 """
 
 from __future__ import annotations
@@ -56,50 +54,47 @@ def mixture_dense_a(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
     t, k = indices.shape
     h = _h_all(x, a_stack, h).view(t, n_experts, rank)  # (t, E, R)
     h = h.gather(1, indices[..., None].expand(t, k, rank)) * weights[..., None]  # (t, k, R)
-    y += _b_side(h, indices, b_rows, rank)
+    y += _b_side(h, _rows(indices, rank), b_rows)
 
 
-def mixture_bag(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
-    """Only the chosen (token, expert) pairs: gathered A rows, then a fused embedding_bag."""
-    rank = a_stack.shape[1]
-    a = a_stack[indices]  # (t, k, R, in)
-    h = torch.einsum("ti,tkri->tkr", x, a) * weights[..., None]  # (t, k, R)
-    y += _b_side(h, indices, b_rows, rank)
+def mixture_sparse(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
+    """Only the chosen (token, expert) pairs, reading A and B in place (no copies).
 
-
-def _b_side(h, indices, b_rows, rank) -> torch.Tensor:
-    """sum over (k, R) of h[t, k, j] * b_rows[indices[t, k] * R + j], without copying B."""
+    The A side, h[t, k, j] = A[indices[t, k], j] . x[t], is a gathered dot product: exactly
+    what the backward pass of `embedding_bag` computes for its per-sample weights, so that
+    kernel does it without materialising the t x k x R x in gathered rows (5 to 30 times
+    faster than gathering them and an einsum, measured on this CPU).
+    """
     t, k = indices.shape
-    rows = (indices[..., None] * rank + torch.arange(rank, device=indices.device))  # (t, k, R)
-    return nn.functional.embedding_bag(rows.reshape(t, k * rank), b_rows, mode="sum",
-                                       per_sample_weights=h.reshape(t, k * rank))  # (t, out)
+    n_experts, rank, fan_in = a_stack.shape
+    rows = _rows(indices, rank)  # (t, k, R) rows of the (E*R, in) A matrix and of b_rows
+    per_token = k * rank
+    bags = torch.arange(t * per_token, device=x.device) // per_token  # token of each row
+    offsets = torch.arange(0, t * per_token, per_token, device=x.device)
+    h = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        x.contiguous(), a_stack.view(n_experts * rank, fan_in), rows.reshape(-1), offsets,
+        bags, 0, -1)
+    h = h.view(t, k, rank) * weights[..., None]  # (t, k, R)
+    y += _b_side(h, rows, b_rows)
 
 
-def mixture_grouped(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
-    """Tokens sorted by expert, one small matmul pair per active expert."""
-    t, k = indices.shape
-    rank = a_stack.shape[1]
-    flat = indices.reshape(-1)  # (t*k,)
-    order = torch.argsort(flat, stable=True)  # pairs sorted by expert
-    tokens = order // k  # (t*k,) token of each sorted pair
-    pair_weights = weights.reshape(-1)[order]  # (t*k,)
-    counts = torch.bincount(flat, minlength=a_stack.shape[0]).tolist()
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = tokens[start : start + count]  # (c,)
-        part = x[rows] @ a_stack[expert].T * pair_weights[start : start + count, None]  # (c, R)
-        y.index_add_(0, rows, part @ b_rows[expert * rank : (expert + 1) * rank])  # (c, out)
-        start += count
+def _b_side(h, rows, b_rows) -> torch.Tensor:
+    """sum over (k, R) of h[t, k, j] * b_rows[rows[t, k, j]], without copying B."""
+    t = h.shape[0]
+    return nn.functional.embedding_bag(rows.reshape(t, -1), b_rows, mode="sum",
+                                       per_sample_weights=h.reshape(t, -1))  # (t, out)
+
+
+def _rows(indices, rank) -> torch.Tensor:
+    """(t, k, R): row e*R + j of a stacked (E*R, .) matrix for each chosen expert e."""
+    return indices[..., None] * rank + torch.arange(rank, device=indices.device)
 
 
 DENSE_A = ("dense", "dense-a")  # the strategies that compute x @ A^T for every expert
 MIXTURES: dict[str, Callable] = {
     "dense": mixture_dense,
     "dense-a": mixture_dense_a,
-    "bag": mixture_bag,
-    "grouped": mixture_grouped,
+    "sparse": mixture_sparse,
 }
 
 

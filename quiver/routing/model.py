@@ -8,6 +8,7 @@ transformers object, so `model(input_ids=...)`, `generate` (with its KV cache), 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -93,7 +94,8 @@ def attach_experts(
     mixture = mixture or MixtureStrategy()
     context = RoutingContext(router=router, expert_names=[e.name for e in experts])
     plan = _modules_per_expert(model, experts)
-    stacks = {module: _Stack(model.get_submodule(module), len(members))
+    stacks = {module: _Stack(model.get_submodule(module), len(members),
+                             max(_rank(experts[i], module) for i in members), keys is not None)
               for module, members in plan.items()}
     for index, expert in enumerate(experts):  # one expert's weights in memory at a time
         factors = expert.lora_factors()
@@ -105,23 +107,18 @@ def attach_experts(
         for module, members in plan.items():
             if index in members:
                 slot = members.index(index)
-                _fill(stacks[module], slot, factors, module, expert)
+                stacks[module].fill(slot, factors, module, expert)
                 if expert_keys is not None:
-                    _fill_key(stacks[module], slot, expert_keys[module])
+                    stacks[module].keys[slot] = expert_keys[module].to(stacks[module].keys.dtype)
         expert.drop_weights()
     for module, members in plan.items():
         base = model.get_submodule(module)
-        a_stack = stacks[module].a
-        b_rows = stacks[module].b.reshape(-1, base.out_features)  # (E*R, out), a view
-        layer_keys = stacks[module].keys
-        fused = None
+        stack = stacks.pop(module)
+        b_rows = stack.b.reshape(-1, base.out_features)  # (E*R, out), a view
+        layer_keys, fused = stack.keys, stack.fused
         if layer_keys is None:  # routers without keys only need the expert count
-            layer_keys = a_stack.new_zeros(len(members), 0)
-        else:  # keys and A in one matrix, so routing and x @ A^T can share a GEMM
-            fused = torch.cat([layer_keys, a_stack.reshape(-1, base.in_features)])
-            layer_keys, a_stack = fused[: len(members)], fused[len(members) :].view(a_stack.shape)
-        stacks[module] = None  # free the separate copies
-        layer = RoutedLinear(base, a_stack, b_rows, layer_keys,
+            layer_keys = stack.a.new_zeros(len(members), 0)
+        layer = RoutedLinear(base, stack.a, b_rows, layer_keys,
                              torch.tensor(members, device=base.weight.device), context,
                              mixture, module, fused)
         local_index = torch.full((len(experts),), -1, dtype=torch.long)
@@ -161,37 +158,43 @@ def _modules_per_expert(model: nn.Module, experts: list[Expert]) -> dict[str, li
     return dict(sorted(plan.items(), key=lambda item: position[item[0]]))
 
 
-@dataclass
+def _rank(expert: Expert, module: str) -> int:
+    """The rank an expert's adapter config declares for a module (no weights read)."""
+    config = expert.adapter_config
+    pattern = config.get("rank_pattern") or {}
+    # PEFT's rule: a pattern key matches a module name or its dotted suffix (a regex)
+    matches = [r for key, r in pattern.items() if re.fullmatch(rf"(.*\.)?(?:{key})", module)]
+    return max(matches) if matches else int(config.get("r") or 1)
+
+
 class _Stack:
-    """The stacked factors of one layer, allocated at the first expert (its rank)."""
+    """The stacked factors of one layer.
 
-    base: nn.Linear
-    count: int
-    a: torch.Tensor | None = None  # (E, R, in)
-    b: torch.Tensor | None = None  # (E, R, out): s * B transposed, scaling folded in
-    keys: torch.Tensor | None = None  # (E, in): the router's vectors, if it has any
+    With router keys, keys and A live in one (E + E*R, in) matrix, `fused`, of which `keys`
+    (E, in) and `a` (E, R, in) are views, so a layer can compute routing and x @ A^T in one
+    GEMM; allocating it up front (ranks come from the adapter configs) avoids a second copy.
+    """
 
+    def __init__(self, base: nn.Linear, count: int, rank: int, with_keys: bool) -> None:
+        like, fan_in = base.weight, base.in_features
+        self.base, self.count = base, count
+        self.fused = like.new_zeros(count * (1 + rank), fan_in) if with_keys else None
+        self.keys = self.fused[:count] if with_keys else None  # (E, in)
+        self.a = (self.fused[count:].view(count, rank, fan_in) if with_keys
+                  else like.new_zeros(count, rank, fan_in))  # (E, R, in)
+        self.b = like.new_zeros(count, rank, base.out_features)  # (E, R, out): s * B^T
 
-def _fill(stack: _Stack, slot: int, factors, module: str, expert: Expert) -> None:
-    if module not in factors:
-        raise QuiverError(f"expert {expert.name!r} declares {module} but has no weights for it")
-    a, b = factors[module]
-    rank, like = a.shape[0], stack.base.weight
-    if stack.a is None:
-        stack.a = like.new_zeros(stack.count, rank, stack.base.in_features)
-        stack.b = like.new_zeros(stack.count, rank, stack.base.out_features)
-    if rank > stack.a.shape[1]:  # a larger rank than seen so far: zero-pad (changes nothing)
-        pad = rank - stack.a.shape[1]
-        stack.a = torch.cat([stack.a, stack.a.new_zeros(stack.count, pad, stack.a.shape[2])], 1)
-        stack.b = torch.cat([stack.b, stack.b.new_zeros(stack.count, pad, stack.b.shape[2])], 1)
-    stack.a[slot, :rank] = a.to(like.dtype)
-    stack.b[slot, :rank] = (b * expert.scaling).T.to(like.dtype)
-
-
-def _fill_key(stack: _Stack, slot: int, key: torch.Tensor) -> None:
-    if stack.keys is None:
-        stack.keys = stack.base.weight.new_zeros(stack.count, key.shape[-1])
-    stack.keys[slot] = key.to(stack.keys.dtype)
+    def fill(self, slot: int, factors, module: str, expert: Expert) -> None:
+        if module not in factors:
+            raise QuiverError(f"expert {expert.name!r} declares {module} but has no weights "
+                              "for it")
+        a, b = factors[module]
+        rank = a.shape[0]
+        if rank > self.a.shape[1]:
+            raise QuiverError(f"expert {expert.name!r} has rank {rank} at {module}, more "
+                              f"than its adapter config declares")
+        self.a[slot, :rank] = a.to(self.a.dtype)  # smaller ranks stay zero-padded
+        self.b[slot, :rank] = (b * expert.scaling).T.to(self.b.dtype)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
