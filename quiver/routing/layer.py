@@ -30,8 +30,8 @@ from torch import nn
 
 # ----------------------------------------------------------------------------- mixtures
 # Every mixture takes x (t, in), weights and indices (t, k), a_stack (E, R, in), b_rows
-# (E*R, out), where row e*R + j of b_rows is column j of expert e's s*B, the output y (t, out)
-# to add into (in place), and optionally h = x @ A^T (t, E*R) when the caller already has it.
+# (E*R, out), where row e*R + j of b_rows is column j of expert e's s*B, and optionally
+# h = x @ A^T (t, E*R) when the caller already has it; it returns the mixture (t, out).
 
 
 def _h_all(x, a_stack, h):
@@ -39,25 +39,25 @@ def _h_all(x, a_stack, h):
     return h if h is not None else x @ a_stack.reshape(n_experts * rank, fan_in).T  # (t, E*R)
 
 
-def mixture_dense(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
+def mixture_dense(x, weights, indices, a_stack, b_rows, h=None) -> torch.Tensor:
     """Every expert on every token; coefficients are zero outside each token's top-k."""
     n_experts, rank, _ = a_stack.shape
     t = x.shape[0]
     coef = x.new_zeros(t, n_experts).scatter_(1, indices, weights)  # (t, E)
     h = (_h_all(x, a_stack, h).view(t, n_experts, rank) * coef[:, :, None])  # (t, E, R)
-    y.addmm_(h.view(t, n_experts * rank), b_rows)  # y += h @ b_rows
+    return h.view(t, n_experts * rank) @ b_rows
 
 
-def mixture_dense_a(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
+def mixture_dense_a(x, weights, indices, a_stack, b_rows, h=None) -> torch.Tensor:
     """A side dense (one GEMM), B side only for the chosen experts (a fused embedding_bag)."""
     n_experts, rank, _ = a_stack.shape
     t, k = indices.shape
     h = _h_all(x, a_stack, h).view(t, n_experts, rank)  # (t, E, R)
     h = h.gather(1, indices[..., None].expand(t, k, rank)) * weights[..., None]  # (t, k, R)
-    y += _b_side(h, _rows(indices, rank), b_rows)
+    return _b_side(h, _rows(indices, rank), b_rows)
 
 
-def mixture_sparse(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
+def mixture_sparse(x, weights, indices, a_stack, b_rows, h=None) -> torch.Tensor:
     """Only the chosen (token, expert) pairs, reading A and B in place (no copies).
 
     The A side, h[t, k, j] = A[indices[t, k], j] . x[t], is a gathered dot product: exactly
@@ -68,6 +68,10 @@ def mixture_sparse(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
     t, k = indices.shape
     n_experts, rank, fan_in = a_stack.shape
     rows = _rows(indices, rank)  # (t, k, R) rows of the (E*R, in) A matrix and of b_rows
+    if torch.is_grad_enabled() and (x.requires_grad or a_stack.requires_grad):
+        # that kernel has no derivative: gather the rows when training through the mixture
+        h = torch.einsum("ti,tkri->tkr", x, a_stack[indices]) * weights[..., None]
+        return _b_side(h, rows, b_rows)
     per_token = k * rank
     bags = torch.arange(t * per_token, device=x.device) // per_token  # token of each row
     offsets = torch.arange(0, t * per_token, per_token, device=x.device)
@@ -75,7 +79,7 @@ def mixture_sparse(x, weights, indices, a_stack, b_rows, y, h=None) -> None:
         x.contiguous(), a_stack.view(n_experts * rank, fan_in), rows.reshape(-1), offsets,
         bags, 0, -1)
     h = h.view(t, k, rank) * weights[..., None]  # (t, k, R)
-    y += _b_side(h, rows, b_rows)
+    return _b_side(h, rows, b_rows)
 
 
 def _b_side(h, rows, b_rows) -> torch.Tensor:
@@ -141,13 +145,12 @@ class MixtureStrategy:
     def _measure(self, x, weights, indices, a_stack, b_rows) -> str:
         """Time each strategy; the minimum over repeats resists a busy machine's noise."""
         best = {}
-        y = x.new_zeros(x.shape[0], b_rows.shape[1])
         for name, mixture in MIXTURES.items():
-            mixture(x, weights, indices, a_stack, b_rows, y)  # warm up
+            mixture(x, weights, indices, a_stack, b_rows)  # warm up
             times = []
             for _ in range(self.repeats):
                 started = time.perf_counter()
-                mixture(x, weights, indices, a_stack, b_rows, y)
+                mixture(x, weights, indices, a_stack, b_rows)
                 times.append(time.perf_counter() - started)
             best[name] = min(times)
         return min(best, key=best.get)
@@ -199,9 +202,7 @@ class RoutedLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (..., out), a fresh tensor the mixture adds into
         flat = x.reshape(-1, x.shape[-1])  # (t, in)
-        out = y.view(-1, y.shape[-1])  # (t, out)
         n_experts = self.a_stack.shape[0]
         strategy = self.mixture.known(flat.shape[0], self.a_stack, self.out_features,
                                       self.context.top_k(n_experts), flat.dtype)
@@ -217,8 +218,17 @@ class RoutedLinear(nn.Module):
             strategy = self.mixture.choose(
                 flat.shape[0], self.a_stack, self.out_features, indices.shape[1], flat.dtype,
                 lambda: (flat, weights, indices, self.a_stack, self.b_rows))
-        MIXTURES[strategy](flat, weights, indices, self.a_stack, self.b_rows, out, h)
-        return y
+        mixture = MIXTURES[strategy](flat, weights, indices, self.a_stack, self.b_rows, h)
+        return self._add_base(flat, mixture).view(*x.shape[:-1], self.out_features)
+
+    def _add_base(self, flat: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
+        """W x (+ bias) + mixture; for a plain nn.Linear in one GEMM that accumulates onto
+        the mixture (saves a pass over the output)."""
+        if type(self.base) is not nn.Linear:  # a subclass (quantised, ...) computes its own
+            return self.base(flat) + mixture
+        if self.base.bias is not None:
+            mixture += self.base.bias
+        return torch.addmm(mixture, flat, self.base.weight.T)
 
     def _can_fuse(self) -> bool:
         """True while `keys` is still the view into `_fused` (PHATGOOSE training replaces
