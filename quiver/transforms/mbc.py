@@ -69,7 +69,8 @@ class Clustering:
 
     `clusters` maps `cluster0`, `cluster1`, ... to expert names; clusters are numbered by
     their first member's position in `names`, and members keep that order, so the same
-    experts in the same order always give the same names.
+    experts in the same order always give the same names. Identical experts can leave
+    k-means with fewer than `k` non-empty clusters; only non-empty ones are listed.
     """
 
     clusters: dict[str, list[str]]
@@ -106,8 +107,8 @@ def cluster_experts(experts: list[Expert], config: MBCConfig) -> Clustering:
     embeddings = expert_embeddings(experts, config)  # (E, n)
     similarity = np.clip(embeddings @ embeddings.T, -1.0, 1.0)  # (E, E)
     if config.k == "auto":
-        tried = {k: _kmeans(similarity, k, config) for k in range(2, min(len(names) - 1,
-                                                                       config.max_k) + 1)}
+        candidates = range(2, min(len(names) - 1, config.max_k) + 1)
+        tried = {k: _kmeans(similarity, k, config) for k in candidates}
         silhouette = {k: _silhouette(embeddings, labels) for k, labels in tried.items()}
         k = max(silhouette, key=lambda c: (silhouette[c], -c))  # ties: the smaller k
         labels = tried[k]
