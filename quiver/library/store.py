@@ -6,6 +6,7 @@ Layout under the library's root:
                                    shapes of its linear layers); written by the first add
     experts/<name>/                one PEFT adapter folder per expert (see `expert.py`)
     experts/<name>/derived/        per-expert derived data, `<kind>-<key>.safetensors|.json`
+    clusters/<name>.json           library-level records: named clusterings of the experts
     runs/<name>/                   resumable training state of an expert being trained
     tmp/                           staging area for atomic writes on local disks
 
@@ -306,6 +307,52 @@ class Library:
         self.put_derived(name, kind, config, tensors, meta={})
         return tensors
 
+    # ------------------------------------------------------------- clusterings
+    def put_clusters(self, name: str, clusters: dict[str, list[str]], meta: dict) -> None:
+        """Store a named clustering (`{cluster: [member, ...]}` plus JSON-able `meta`, e.g.
+        how it was computed), atomically; a clustering of the same name is replaced.
+
+        Raises:
+            QuiverError: a bad name, or `clusters` that is not a dict of name lists.
+        """
+        _check_name(name, "clustering")
+        if not isinstance(clusters, dict) or not all(
+            isinstance(c, str) and c and isinstance(m, list | tuple)
+            and all(isinstance(x, str) for x in m)
+            for c, m in clusters.items()
+        ):
+            raise QuiverError("clusters must map cluster names to lists of expert names")
+        record = {
+            "name": name,
+            "clusters": {c: list(m) for c, m in clusters.items()},
+            "meta": meta,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        self._atomic_write(self._path("clusters", f"{name}.json"),
+                           json.dumps(record, indent=1).encode())
+
+    def get_clusters(self, name: str) -> tuple[dict[str, list[str]], dict] | None:
+        """A stored clustering as `(clusters, meta)`, or None if there is none of that name.
+
+        Raises:
+            QuiverError: a bad name, or a corrupt record.
+        """
+        _check_name(name, "clustering")
+        path = self._path("clusters", f"{name}.json")
+        if not self.fs.exists(path):
+            return None
+        try:
+            record = json.loads(self.fs.cat_file(path))
+            return record["clusters"], record["meta"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise QuiverError(f"corrupt clustering record {self.url}/clusters/{name}.json: "
+                              f"{err}") from err
+
+    def cluster_names(self) -> list[str]:
+        """Names of the stored clusterings, sorted."""
+        paths = self.fs.glob(self._path("clusters", "*.json"))
+        return sorted(p.rstrip("/").split("/")[-1].removesuffix(".json") for p in paths)
+
     # ------------------------------------------------------------- run state
     def run_state(self, name: str) -> RunState:
         """Where a training run of expert `name` keeps its resumable state."""
@@ -410,10 +457,10 @@ class RunState:
             fs.rm(self._folder, recursive=True)
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str, what: str = "expert") -> None:
     if not _NAME.match(name or ""):
         raise QuiverError(
-            f"bad expert name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)"
+            f"bad {what} name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)"
         )
 
 

@@ -1,0 +1,226 @@
+"""MBC, model-based clustering: group experts whose LoRA parameters are alike.
+
+Ostapenko et al., "Towards Modular LLMs by Building and Reusing a Library of LoRAs"
+(ICML 2024, https://arxiv.org/abs/2405.11157), section 3. Tasks whose privately trained
+experts end up with similar weights are tasks that transfer to each other; training one
+expert per cluster of such tasks gives a better library than one expert per task.
+
+For E experts, each with the same adapted modules and ranks:
+
+    v_e   = concat over modules m in sorted order of [vec(A_e,m), vec(B_e,m)]    (D,)
+    v_e  <- v_e with its floor(sparsity * D) smallest |entries| set to 0          (sparsify)
+    X     = [v_1; ...; v_E]                                                       (E, D)
+    Z     = TruncatedSVD(X, n = min(dims, E - 1))    randomized, seeded           (E, n)
+    z_e  <- z_e / ||z_e||_2
+    S     = Z Z^T                                     cosine similarities         (E, E)
+    labels = KMeans(k, k-means++, restarts, seed) on the rows of S
+
+Each expert is clustered by its row of similarities to every expert, as in the authors'
+code (microsoft/mttl, `MBCWithCosSimTransform`). With `k="auto"`, every k in
+2..min(E - 1, max_k) is tried and the one with the best silhouette score (cosine distance
+between the embeddings z) wins; ties go to the smaller k.
+
+Experts that do not adapt the same modules with the same shapes cannot be compared
+parameter by parameter, so they are refused (`QuiverError`) rather than silently aligned on
+a subset of their modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from quiver.config import to_dict
+from quiver.errors import QuiverError
+from quiver.library.expert import Expert
+
+METHOD = "mbc"
+
+
+@dataclass
+class MBCConfig:
+    """How to cluster experts. Defaults follow the paper (design.md: MBC)."""
+
+    k: int | str = field(metadata={"help": "number of clusters, or 'auto' (best silhouette)"})
+    dims: int = field(default=64, metadata={"help": "truncated-SVD dimensions (at most E - 1)"})
+    sparsity: float = field(
+        default=0.5, metadata={"help": "fraction of each expert's parameters zeroed (smallest)"}
+    )
+    restarts: int = field(default=10, metadata={"help": "k-means restarts (k-means++ init)"})
+    seed: int = field(default=0, metadata={"help": "seed of the SVD and of k-means"})
+    max_k: int = field(default=20, metadata={"help": "largest k that k=auto tries"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, str) and self.k.strip().isdigit():
+            self.k = int(self.k)  # the command line passes every k as text
+        if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int)
+                                 or self.k < 1):
+            raise ValueError(f"k must be a positive integer or 'auto', not {self.k!r}")
+        if self.dims < 1 or self.restarts < 1 or self.max_k < 2:
+            raise ValueError("dims and restarts must be positive and max_k at least 2")
+        if not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1), not {self.sparsity}")
+
+
+@dataclass
+class Clustering:
+    """The result of `cluster_experts`.
+
+    `clusters` maps `cluster0`, `cluster1`, ... to expert names; clusters are numbered by
+    their first member's position in `names`, and members keep that order, so the same
+    experts in the same order always give the same names.
+    """
+
+    clusters: dict[str, list[str]]
+    names: list[str]
+    labels: list[int]  # cluster index of each expert in `names`
+    similarity: np.ndarray  # (E, E) cosine similarity of the embeddings
+    embeddings: np.ndarray  # (E, n) unit vectors
+    k: int
+    silhouette: dict[int, float]  # k -> silhouette score (every k tried with k="auto")
+    config: MBCConfig
+
+    def meta(self) -> dict:
+        """A JSON-ready description (for `Library.put_clusters` and reports)."""
+        return {
+            "method": METHOD,
+            "config": to_dict(self.config),
+            "k": self.k,
+            "names": list(self.names),
+            "labels": list(self.labels),
+            "silhouette": {str(k): v for k, v in self.silhouette.items()},
+            "similarity": np.round(self.similarity, 6).tolist(),
+        }
+
+
+def cluster_experts(experts: list[Expert], config: MBCConfig) -> Clustering:
+    """Cluster experts by the similarity of their (sparsified, SVD-reduced) LoRA weights.
+
+    Raises:
+        QuiverError: fewer than two experts, k larger than the number of experts, k="auto"
+            with fewer than three experts, or experts with different modules or shapes.
+    """
+    names = [e.name for e in experts]
+    _check_counts(names, config)
+    embeddings = expert_embeddings(experts, config)  # (E, n)
+    similarity = np.clip(embeddings @ embeddings.T, -1.0, 1.0)  # (E, E)
+    if config.k == "auto":
+        tried = {k: _kmeans(similarity, k, config) for k in range(2, min(len(names) - 1,
+                                                                       config.max_k) + 1)}
+        silhouette = {k: _silhouette(embeddings, labels) for k, labels in tried.items()}
+        k = max(silhouette, key=lambda c: (silhouette[c], -c))  # ties: the smaller k
+        labels = tried[k]
+    else:
+        k = config.k
+        labels = _kmeans(similarity, k, config)
+        silhouette = {k: _silhouette(embeddings, labels)} if 2 <= k < len(names) else {}
+    labels = _renumber(labels)
+    clusters: dict[str, list[str]] = {}
+    for name, label in zip(names, labels, strict=True):
+        clusters.setdefault(f"cluster{label}", []).append(name)
+    return Clustering(clusters, names, labels, similarity, embeddings, k, silhouette, config)
+
+
+def expert_embeddings(experts: list[Expert], config: MBCConfig) -> np.ndarray:
+    """Unit-norm truncated-SVD embeddings `(E, min(dims, E - 1))` of the sparsified experts.
+
+    Raises:
+        QuiverError: experts with different adapted modules or shapes.
+    """
+    from sklearn.decomposition import TruncatedSVD  # imported here: sklearn loads slowly
+    from sklearn.preprocessing import normalize
+
+    if not experts:
+        raise QuiverError("no experts to embed")
+    layout = _layout(experts[0])
+    width = sum(int(np.prod(a)) + int(np.prod(b)) for a, b in layout.values())
+    matrix = np.empty((len(experts), width), dtype=np.float32)  # (E, D)
+    for row, expert in enumerate(experts):
+        _check_same_layout(experts[0], expert, layout)
+        matrix[row] = sparsify(expert_vector(expert), config.sparsity)
+        expert.drop_weights()  # a large library never holds every expert's weights twice
+    components = max(1, min(config.dims, len(experts) - 1, width - 1))
+    svd = TruncatedSVD(n_components=components, algorithm="randomized", n_iter=5,
+                       n_oversamples=10, random_state=config.seed, tol=0.0)
+    return normalize(svd.fit_transform(matrix))  # (E, n)
+
+
+def expert_vector(expert: Expert) -> np.ndarray:
+    """Every LoRA parameter of an expert in one float32 vector: per module (sorted by name),
+    A flattened, then B flattened."""
+    parts = []
+    for _, (a, b) in sorted(expert.lora_factors().items()):
+        parts += [a.detach().float().reshape(-1), b.detach().float().reshape(-1)]
+    return np.concatenate([p.cpu().numpy() for p in parts])  # (D,)
+
+
+def sparsify(vector: np.ndarray, fraction: float) -> np.ndarray:
+    """Zero the `floor(fraction * len(vector))` entries of smallest magnitude, in place."""
+    drop = int(fraction * vector.size)
+    if drop > 0:
+        smallest = np.argpartition(np.abs(vector), drop - 1)[:drop]
+        vector[smallest] = 0
+    return vector
+
+
+# ------------------------------------------------------------------------- helpers
+def _check_counts(names: list[str], config: MBCConfig) -> None:
+    if len(names) < 2:
+        raise QuiverError(f"clustering needs at least 2 experts, got {len(names)}")
+    if len(set(names)) != len(names):
+        raise QuiverError("the same expert is listed twice")
+    if config.k == "auto" and len(names) < 3:
+        raise QuiverError("k=auto needs at least 3 experts (silhouette scores need 2 <= k < E)")
+    if config.k != "auto" and config.k > len(names):
+        raise QuiverError(f"k={config.k} clusters is more than the {len(names)} experts")
+
+
+def _layout(expert: Expert) -> dict[str, tuple[tuple, tuple]]:
+    """`{module: (shape of A, shape of B)}`, sorted by module."""
+    return {m: (tuple(a.shape), tuple(b.shape)) for m, (a, b) in sorted(
+        expert.lora_factors().items())}
+
+
+def _check_same_layout(first: Expert, other: Expert, layout: dict) -> None:
+    """Refuse an expert whose parameters do not line up with the first expert's."""
+    factors = other.lora_factors()
+    why = ""
+    if set(factors) != set(layout):
+        extra, missing = sorted(set(factors) - set(layout)), sorted(set(layout) - set(factors))
+        why = f"it adapts {extra[:3]} too" if extra else f"it does not adapt {missing[:3]}"
+    else:
+        for module, (a, b) in layout.items():
+            other_a, other_b = (tuple(t.shape) for t in factors[module])
+            if (other_a, other_b) != (a, b):
+                why = f"at {module} its A is {other_a} and B {other_b}, not {a} and {b}"
+                break
+    if why:
+        raise QuiverError(
+            f"experts {first.name!r} and {other.name!r} cannot be compared parameter by "
+            f"parameter: {why} (MBC needs the same target modules and ranks)"
+        )
+
+
+def _kmeans(similarity: np.ndarray, k: int, config: MBCConfig) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    kmeans = KMeans(n_clusters=k, init="k-means++", n_init=config.restarts,
+                    random_state=config.seed)
+    return kmeans.fit(similarity).labels_
+
+
+def _silhouette(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import silhouette_score
+
+    if not 2 <= len(set(labels.tolist())) < len(labels):
+        return -1.0  # k-means merged clusters (identical experts): the worst possible score
+    return float(silhouette_score(embeddings, labels, metric="cosine"))
+
+
+def _renumber(labels: np.ndarray) -> list[int]:
+    """Number clusters by the position of their first member (k-means' own order is not)."""
+    order: dict[int, int] = {}
+    for label in labels.tolist():
+        order.setdefault(label, len(order))
+    return [order[label] for label in labels.tolist()]
