@@ -14,6 +14,7 @@ never stops the others.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -41,15 +42,15 @@ class BuildConfig:
     strategy: str = field(default="private", metadata={
         "help": "private (an expert per task), shared (one on all tasks), mbc (an expert per "
                 "MBC cluster of the private experts), random (MBC's sizes, random members)"})
-    clusters: int | None = field(default=None, metadata={
-        "help": "mbc, random: the number of clusters K"})
+    clusters: int = field(default=0, metadata={
+        "help": "mbc, random: the number of clusters K (needed by them, refused by the others)"})
     cluster_seed: int = field(default=0, metadata={
         "help": "mbc, random: seed of k-means and of the random membership"})
     shared_name: str = field(default="shared", metadata={"help": "shared: the expert's name"})
     executor: str = field(default="local", metadata={
         "help": "local (trainings one after another) or ray (each training a Ray task)"})
-    address: str | None = field(default=None, metadata={
-        "help": "ray: address of a running cluster (default: start a local one)"})
+    address: str = field(default="", metadata={
+        "help": "ray: address of a running cluster (empty: start a local Ray)"})
     cpus_per_job: float = field(default=1.0, metadata={"help": "ray: CPUs each training holds"})
     gpus_per_job: float = field(default=0.0, metadata={"help": "ray: GPUs each training holds"})
     retries: int = field(default=1, metadata={
@@ -61,9 +62,9 @@ class BuildConfig:
         if self.executor not in EXECUTORS:
             raise ValueError(f"unknown executor {self.executor!r}: use {', '.join(EXECUTORS)}")
         clustered = self.strategy in CLUSTER_RECORDS
-        if clustered and (self.clusters is None or self.clusters < 1):
+        if clustered and self.clusters < 1:
             raise ValueError(f"strategy {self.strategy} needs a number of clusters K >= 1")
-        if not clustered and self.clusters is not None:
+        if not clustered and self.clusters != 0:
             raise ValueError(f"strategy {self.strategy} takes no number of clusters")
         if self.cpus_per_job <= 0 or self.gpus_per_job < 0 or self.retries < 0:
             raise ValueError("cpus_per_job must be positive, gpus_per_job and retries >= 0")
@@ -121,8 +122,8 @@ def build_library(
     """Build a library of experts from tasks with one of the strategies of `BuildConfig`.
 
     Everything that can be checked is checked before any training: the tasks (known, not
-    empty, with training examples, none twice), K, the names the experts will take, the base
-    model of existing libraries. mbc and random cluster the private experts of the tasks found
+    empty, none twice), K, the names the experts will take, the base model of existing
+    libraries. mbc and random cluster the private experts of the tasks found
     in `private_url`, training the missing ones into it first; the clusters are recorded in
     the built library (`Library.get_clusters("mbc" | "random")`).
 
@@ -155,7 +156,7 @@ def build_library(
     report = BuildReport(library_url, config.strategy, [], private=private)
     if report.failed:
         return report  # clustering needs every private expert
-    report.private = [_found(private_url, found[t]) for t in found] + private
+    report.private = [_found(private_url, found[t]) for t in tasks if t in found] + private
     names = {**found, **{job.tasks[0]: job.name for job in missing}}
     experts = Library(private_url).experts([names[t] for t in tasks])
     clusters, meta = mbc_clusters(experts, config.clusters, config.cluster_seed)
@@ -426,9 +427,12 @@ def _run_locally(pending, library_url, base, train_config, config, dtype) -> Ite
 def _run_on_ray(pending, library_url, base, train_config, config, dtype) -> Iterator[JobOutcome]:
     import ray
 
+    if "://" not in library_url:  # workers may start in another folder than the driver
+        library_url = os.path.abspath(library_url)
     owned = not ray.is_initialized()  # a Ray the caller started stays up for the caller
     if owned:
-        ray.init(address=config.address, runtime_env=_runtime_env(), log_to_driver=False)
+        ray.init(address=config.address or None, runtime_env=_runtime_env(),
+                 log_to_driver=False, logging_level=logging.WARNING)
     try:
         # Retries happen here, not in Ray: every failure (an exception or a lost worker)
         # counts the same, and the report says how many tries each job took.

@@ -282,7 +282,6 @@ def test_build_command_builds_then_skips(tmp_path):
      "invalid BuildConfig: strategy mbc needs a number of clusters K >= 1"),
     (["--strategy", "mbc", "--clusters", "5", "--private", "{tmp}/private"],
      "cannot make 5 clusters of 2 tasks"),
-    (["--executor", "slurm"], "unknown executor"),
 ])
 def test_build_command_refuses_bad_input_with_exit_code_2(tmp_path, extra, message):
     tasks_file = tmp_path / "tasks.txt"
