@@ -104,6 +104,46 @@ def train(
     )
 
 
+# --------------------------------------------------------------------------- build
+from quiver.build import BuildConfig  # noqa: E402
+
+
+@app.command("build")
+@config_options(TrainConfig)
+@config_options(BuildConfig, param="build_config")
+def build_command(
+    tasks_file: Path = typer.Option(..., help="file with one task name per line"),
+    library: str = typer.Option(..., help="the library to build (folder or fsspec URL)"),
+    private: str = typer.Option(None, help="mbc, random: the private library to cluster; "
+                                           "experts it lacks are trained into it first"),
+    base: str = typer.Option(DEFAULT_MODEL, help="base model name, folder or HF id"),
+    dtype: str = typer.Option("auto", help="base weights: auto (GPU bf16, CPU fp32), fp32, bf16"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+    config: TrainConfig = None,
+    build_config: BuildConfig = None,
+) -> None:
+    """Build a library: an expert per task, one shared, or one per (MBC or random) cluster.
+
+    Experts already in the library are skipped and interrupted trainings resume, so running
+    the same command again finishes a build. Exits with 1 if any training failed.
+    """
+    from quiver.build import build_library
+    from quiver.recipes import read_tasks_file
+    from quiver.report import build_table
+
+    report = build_library(read_tasks_file(tasks_file), library, base, config, build_config,
+                           private, dtype, not quiet)
+    if report.private:
+        console.print(build_table(report.private, f"private experts in {private}"))
+    if report.outcomes:
+        console.print(build_table(report.outcomes, f"{report.strategy} library {library}"))
+    if report.failed:
+        names = ", ".join(o.name for o in report.failed)
+        Console(stderr=True).print(f"[bold red]error:[/] {len(report.failed)} training(s) "
+                                   f"failed: {names}", highlight=False)
+        raise typer.Exit(1)
+
+
 # --------------------------------------------------------------------------- tasks
 @tasks_app.command("ls")
 def tasks_ls(
@@ -246,46 +286,6 @@ def merge(
     console.print(f"added [bold]{name}[/] ({method} of {len(chosen)} experts), rank "
                   f"{report['rank']}, max relative truncation error "
                   f"{report['max_relative_error']:.2e}")
-
-
-# --------------------------------------------------------------------------- build
-from quiver.build import BuildConfig  # noqa: E402
-
-
-@app.command("build")
-@config_options(TrainConfig)
-@config_options(BuildConfig, param="build_config")
-def build_command(
-    tasks_file: Path = typer.Option(..., help="file with one task name per line"),
-    library: str = typer.Option(..., help="the library to build (folder or fsspec URL)"),
-    private: str = typer.Option(None, help="mbc, random: the private library to cluster; "
-                                           "experts it lacks are trained into it first"),
-    base: str = typer.Option(DEFAULT_MODEL, help="base model name, folder or HF id"),
-    dtype: str = typer.Option("auto", help="base weights: auto (GPU bf16, CPU fp32), fp32, bf16"),
-    quiet: bool = typer.Option(False, help="no progress bar"),
-    config: TrainConfig = None,
-    build_config: BuildConfig = None,
-) -> None:
-    """Build a library: an expert per task, one shared, or one per (MBC or random) cluster.
-
-    Experts already in the library are skipped and interrupted trainings resume, so running
-    the same command again finishes a build. Exits with 1 if any training failed.
-    """
-    from quiver.build import build_library
-    from quiver.recipes import read_tasks_file
-    from quiver.report import build_table
-
-    report = build_library(read_tasks_file(tasks_file), library, base, config, build_config,
-                           private, dtype, not quiet)
-    if report.private:
-        console.print(build_table(report.private, f"private experts in {private}"))
-    if report.outcomes:
-        console.print(build_table(report.outcomes, f"{report.strategy} library {library}"))
-    if report.failed:
-        names = ", ".join(o.name for o in report.failed)
-        Console(stderr=True).print(f"[bold red]error:[/] {len(report.failed)} training(s) "
-                                   f"failed: {names}", highlight=False)
-        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------- demo
