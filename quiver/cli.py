@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import inspect
 import sys
+import types
 import typing
 import warnings
 from pathlib import Path
@@ -58,6 +59,10 @@ def config_options(cls: type, param: str = "config"):
             annotation, default = hints[f.name], f.default
             if typing.get_origin(annotation) is tuple:  # typer wants lists for repeated options
                 annotation, default = list[str], list(default)
+            if isinstance(annotation, types.UnionType):  # e.g. `int | str`: the config parses
+                annotation = str
+            if default is dataclasses.MISSING:  # a field without default: a required option
+                default = ...
             option = typer.Option(default, "--" + f.name.replace("_", "-"),
                                   help=f.metadata.get("help", ""))
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
@@ -286,6 +291,89 @@ def merge(
     console.print(f"added [bold]{name}[/] ({method} of {len(chosen)} experts), rank "
                   f"{report['rank']}, max relative truncation error "
                   f"{report['max_relative_error']:.2e}")
+
+
+# ------------------------------------------------------------------------- cluster
+from quiver.transforms.mbc import MBCConfig  # noqa: E402
+
+
+@app.command()
+@config_options(MBCConfig)
+def cluster(
+    library: str = typer.Argument(..., help="library folder or fsspec URL"),
+    out: Path = typer.Option(None, help="write the clusters as JSON here: each cluster's "
+                                        "name and the names of its experts"),
+    plot: Path = typer.Option(None, help="save the similarity heatmap, ordered by cluster"),
+    silhouette_out: Path = typer.Option(None, "--silhouette-plot", help="with --k auto: save "
+                                        "the silhouette score of every k tried"),
+    experts: list[str] = typer.Option(None, "--experts", help="experts to cluster (default "
+                                                              "all)"),
+    save_as: str = typer.Option(None, help="also store the clustering in the library"),
+    config: MBCConfig = None,
+) -> None:
+    """Cluster experts by the similarity of their LoRA weights (MBC) and print the clusters."""
+    from quiver.recipes import cluster_library
+    from quiver.report import (
+        cluster_heatmap,
+        clusters_table,
+        silhouette_plot,
+        task_labels,
+        write_report,
+    )
+
+    if silhouette_out and config.k != "auto":
+        raise QuiverError("--silhouette-plot needs --k auto (a single k has no curve)")
+    clustering, tasks = cluster_library(library, config, experts or None, save_as)
+    console.print(clusters_table(clustering, tasks))
+    if config.k == "auto":
+        scores = ", ".join(f"{k}: {v:.3f}" for k, v in clustering.silhouette.items())
+        console.print(f"silhouette by k: {scores}; chose k={clustering.k}")
+    if out:
+        write_report(clustering.clusters, out)
+        console.print(f"clusters written to {out}")
+    if plot:
+        labels = task_labels(tasks)
+        cluster_heatmap(clustering, [labels[n] for n in clustering.names], plot)
+        console.print(f"similarity heatmap saved to {plot}")
+    if silhouette_out:
+        silhouette_plot(clustering.silhouette, clustering.k, silhouette_out)
+        console.print(f"silhouette curve saved to {silhouette_out}")
+    if save_as:
+        console.print(f"clustering stored in {library} as [bold]{save_as}[/]")
+
+
+# ------------------------------------------------------------------------ transfer
+from quiver.evaluation.transfer import TransferConfig  # noqa: E402
+
+
+@app.command()
+@config_options(TransferConfig)
+def transfer(
+    library: str = typer.Argument(..., help="library folder or fsspec URL"),
+    task: list[str] = typer.Option([], "--task", help="task to score on; repeatable"),
+    tasks_file: Path = typer.Option(None, help="file with one task name per line"),
+    experts: list[str] = typer.Option(None, "--experts", help="experts (default all)"),
+    base: str = typer.Option(DEFAULT_MODEL, help="base model"),
+    out: Path = typer.Option(None, help="write the matrix as JSON here"),
+    plot: Path = typer.Option(None, help="save the matrix as a heatmap here"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+    config: TransferConfig = None,
+) -> None:
+    """Score every expert (and the base model) on every task: the transfer matrix."""
+    from quiver.recipes import read_tasks_file, transfer_report
+    from quiver.report import transfer_heatmap, transfer_table, write_report
+
+    names = list(task) + (read_tasks_file(tasks_file) if tasks_file else [])
+    if not names:
+        raise QuiverError("no tasks: pass --task or --tasks-file")
+    report = transfer_report(library, names, base, config, experts or None, not quiet)
+    console.print(transfer_table(report))
+    if out:
+        write_report(report, out)
+        console.print(f"transfer matrix written to {out}")
+    if plot:
+        transfer_heatmap(report, plot)
+        console.print(f"transfer heatmap saved to {plot}")
 
 
 # ---------------------------------------------------------------------------- demo

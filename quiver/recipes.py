@@ -212,3 +212,55 @@ def read_tasks_file(path) -> list[str]:
     if not names:
         raise QuiverError(f"tasks file {path} names no task")
     return names
+
+
+def cluster_library(
+    library_url: str,
+    config,
+    experts: list[str] | None = None,
+    save_as: str | None = None,
+):
+    """MBC-cluster a library's experts (all by default); optionally store the clustering in
+    the library under `save_as`. Returns the `Clustering` and each expert's tasks.
+
+    Raises:
+        QuiverError: a missing library or expert, too few experts for `config.k`, experts
+            that cannot be compared, or a bad `save_as` name.
+    """
+    from quiver.transforms.mbc import cluster_experts
+
+    library = Library(library_url)
+    chosen = library.experts(experts or None)
+    clustering = cluster_experts(chosen, config)
+    tasks = {e.name: list(e.info.tasks) for e in chosen}
+    if save_as:
+        library.put_clusters(save_as, clustering.clusters,
+                             {**clustering.meta(), "tasks": tasks, "library": library_url})
+    return clustering, tasks
+
+
+def transfer_report(
+    library_url: str,
+    task_names: list[str],
+    base: str = "smollm2-135m",
+    config=None,
+    experts: list[str] | None = None,
+    show_progress: bool = True,
+    model_and_tokenizer=None,
+) -> dict:
+    """The transfer matrix of a library's experts (and the base model) on named tasks.
+
+    Raises:
+        QuiverError: unknown task, library or expert; a library for another base model.
+    """
+    from quiver.evaluation.transfer import TransferConfig, transfer_matrix
+
+    tasks = [load_task(t) for t in task_names]
+    library = Library(library_url)
+    if experts:
+        library.experts(experts)  # a clear error for an unknown name, before loading the model
+    model, tokenizer = model_and_tokenizer or load_base(base)
+    report = transfer_matrix(model, tokenizer, library, tasks, experts or None,
+                             config or TransferConfig(), show_progress)
+    report.update(model=base, library=library_url)
+    return report

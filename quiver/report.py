@@ -1,4 +1,4 @@
-"""Tables (and, in later steps, plots) that show results to a person."""
+"""Tables and plots that show results to a person (plots: matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -95,12 +95,9 @@ def comparison_table(reports: list[dict], metric: str) -> Table:
 
 def routing_heatmap(counts: dict, expert_names: list[str], path: Path, title: str) -> None:
     """Save a heatmap: rows are layers, columns experts, colour the share of tokens routed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = _pyplot()
     layers = list(counts)
     shares = np.stack([counts[name].double().numpy() for name in layers])
     shares = shares / np.maximum(shares.sum(1, keepdims=True), 1)
@@ -112,6 +109,151 @@ def routing_heatmap(counts: dict, expert_names: list[str], path: Path, title: st
     axis.set_xlabel("expert")
     axis.set_title(title, fontsize=9)
     figure.colorbar(image, ax=axis, label="share of routing choices")
+    _save_figure(figure, path)
+
+
+# ------------------------------------------------------------------------ clustering
+def task_labels(tasks: dict[str, list[str]]) -> dict[str, str]:
+    """A short label per expert: its tasks, shortened (else its name)."""
+    return {name: ", ".join(_short_task(t) for t in names) or name
+            for name, names in tasks.items()}
+
+
+def clusters_table(clustering, tasks: dict[str, list[str]]) -> Table:
+    """One row per cluster: its size, experts and their tasks."""
+    labels = task_labels(tasks)
+    score = clustering.silhouette.get(clustering.k)
+    title = (f"{len(clustering.clusters)} clusters of {len(clustering.names)} experts "
+             f"(k={clustering.k}" + (f", silhouette {score:.3f})" if score is not None else ")"))
+    table = Table("cluster", "size", "experts", "tasks", title=title)
+    for cluster, members in clustering.clusters.items():
+        table.add_row(cluster, str(len(members)), ", ".join(members),
+                      "; ".join(labels.get(m, m) for m in members))
+    return table
+
+
+def cluster_heatmap(clustering, labels: list[str] | None, path: Path) -> None:
+    """Save the experts' cosine-similarity matrix, ordered by cluster, with cluster borders.
+
+    Args:
+        clustering: a `quiver.transforms.mbc.Clustering`.
+        labels: one axis label per expert, in `clustering.names` order (default: the names);
+            the expert's tasks make the clearest labels.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    labels = list(labels or clustering.names)
+    position = {name: i for i, name in enumerate(clustering.names)}
+    order = [position[m] for members in clustering.clusters.values() for m in members]
+    matrix = clustering.similarity[np.ix_(order, order)]  # (E, E), grouped by cluster
+    size = min(30, 3 + 0.25 * len(order))
+    figure, axis = plt.subplots(figsize=(size + 1.5, size))
+    image = axis.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    ticks = [labels[i] for i in order]
+    font = 7 if len(order) <= 40 else 4
+    axis.set_xticks(range(len(order)), ticks, rotation=90, fontsize=font)
+    axis.set_yticks(range(len(order)), ticks, fontsize=font)
+    edge = -0.5
+    for members in list(clustering.clusters.values())[:-1]:
+        edge += len(members)
+        axis.axhline(edge, color="black", linewidth=1.2)
+        axis.axvline(edge, color="black", linewidth=1.2)
+    axis.set_title(f"MBC: {len(clustering.clusters)} clusters of {len(order)} experts "
+                   f"(k={clustering.k})", fontsize=9)
+    figure.colorbar(image, ax=axis, label="cosine similarity of the expert embeddings",
+                    shrink=0.8)
+    _save_figure(figure, path)
+
+
+def silhouette_plot(silhouette: dict[int, float], chosen: int, path: Path) -> None:
+    """Save the silhouette score against k, the chosen k marked."""
+    plt = _pyplot()
+    ks = sorted(silhouette)
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(ks, [silhouette[k] for k in ks], marker="o")
+    if chosen in silhouette:
+        axis.scatter([chosen], [silhouette[chosen]], s=120, facecolors="none",
+                     edgecolors="red", linewidths=2, zorder=3, label=f"chosen k={chosen}")
+        axis.legend(fontsize=8)
+    axis.set_xticks(ks)
+    axis.set_xlabel("k (clusters)")
+    axis.set_ylabel("silhouette score (cosine)")
+    axis.set_title("choosing k", fontsize=9)
+    axis.grid(alpha=0.3)
+    _save_figure(figure, path)
+
+
+# ---------------------------------------------------------------------- transfer matrix
+def transfer_table(report: dict) -> Table:
+    """Rows: the base model and each expert; columns: tasks; cells: the report's metric."""
+    metric = report["metric"]
+    table = Table("expert", *[_short_task(t) for t in report["tasks"]],
+                  title=f"transfer matrix: {metric} on the {report['split']} split "
+                        f"({'lower' if metric == 'loss' else 'higher'} is better)")
+    style = "{:.3f}" if metric == "loss" else "{:.1f}"
+    for row, values in report["values"].items():
+        own = set(report["expert_tasks"].get(row, []))
+        cells = [("[bold]" if task in own else "") + style.format(values[task])
+                 for task in report["tasks"]]
+        table.add_row(row, *cells)
+    return table
+
+
+def transfer_heatmap(report: dict, path: Path) -> None:
+    """Save the transfer matrix as a heatmap: rows experts (base first), columns tasks; an
+    expert's own training tasks are outlined."""
+    import numpy as np
+
+    plt = _pyplot()
+    rows, tasks = list(report["values"]), report["tasks"]
+    matrix = np.array([[report["values"][r][t] for t in tasks] for r in rows])  # (rows, tasks)
+    loss = report["metric"] == "loss"
+    figure, axis = plt.subplots(figsize=(min(30, 4 + 0.6 * len(tasks)),
+                                         min(30, 3 + 0.4 * len(rows))))
+    image = axis.imshow(matrix, aspect="auto", interpolation="nearest",
+                        cmap="viridis_r" if loss else "viridis")
+    axis.set_xticks(range(len(tasks)), [_short_task(t) for t in tasks], rotation=90,
+                    fontsize=7)
+    axis.set_yticks(range(len(rows)), rows, fontsize=7)
+    if matrix.size <= 400:  # numbers stay legible only on small matrices
+        for (i, j), value in np.ndenumerate(matrix):
+            red, green, blue, _ = image.cmap(image.norm(value))
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+            axis.text(j, i, f"{value:.2f}" if loss else f"{value:.0f}", ha="center",
+                      va="center", fontsize=6, color="white" if dark else "black")
+    for i, row in enumerate(rows):
+        for j, task in enumerate(tasks):
+            if task in report["expert_tasks"].get(row, []):
+                axis.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False,
+                                             edgecolor="red", linewidth=1.5))
+    axis.set_xlabel("task")
+    axis.set_ylabel("expert")
+    axis.set_title(f"transfer: {report['metric']} on the {report['split']} split\n"
+                   "(red: the expert's own tasks)", fontsize=9)
+    figure.colorbar(image, ax=axis, label=report["metric"])
+    _save_figure(figure, path)
+
+
+def _short_task(name: str) -> str:
+    """`bigbench:x` -> `x`, `jsonl:/some/dir/x.jsonl` -> `jsonl:x.jsonl`."""
+    if name.startswith("jsonl:"):
+        return "jsonl:" + Path(name.removeprefix("jsonl:")).name
+    return name.removeprefix("bigbench:")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, and safe in worker processes
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

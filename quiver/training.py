@@ -258,19 +258,37 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
-@torch.no_grad()
 def _validate(peft_model, valid_set, tokenizer, config, device) -> float:
     """Token-weighted mean target loss over the validation examples (no dropout)."""
-    if not valid_set:
-        return math.nan
     peft_model.eval()
+    return mean_target_loss(peft_model.get_base_model(), valid_set, tokenizer.pad_token_id,
+                            config.batch_size * 2, device)
+
+
+@torch.no_grad()
+def mean_target_loss(
+    causal_lm: PreTrainedModel,
+    examples: list[TokenizedExample],
+    pad_id: int,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+) -> float:
+    """Mean cross-entropy per target token over `examples` (NaN if there are none).
+
+    Every target token weighs the same, whichever example it is in; batches are grouped by
+    length (seed 0) so almost nothing is padding. The model is used as it is (call `.eval()`
+    first to switch dropout off).
+    """
+    if not examples:
+        return math.nan
+    device = device or next(causal_lm.parameters()).device
     total, count = 0.0, 0
-    lengths = [len(e) for e in valid_set]
-    for indices in length_grouped_batches(lengths, config.batch_size * 2, seed=0):
-        batch = collate([valid_set[i] for i in indices], tokenizer.pad_token_id)
+    lengths = [len(e) for e in examples]
+    for indices in length_grouped_batches(lengths, batch_size, seed=0):
+        batch = collate([examples[i] for i in indices], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        total += target_only_loss(peft_model.get_base_model(), batch).item() * n
+        total += target_only_loss(causal_lm, batch).item() * n
         count += n
     return total / count
 

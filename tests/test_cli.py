@@ -53,6 +53,12 @@ def test_train_list_show_export_and_remove(tmp_path):
     (["library", "import-peft", "{tmp}/lib", "{tmp}/corrupt", "--name", "c"], "corrupt"),
     (["train", "--task", "arithmetic/1_digit_addition", "--library", "{tmp}/lib", "--name",
       "x", "--base", "tiny-llama", "--rank", "0"], "invalid TrainConfig"),
+    (["cluster", "{tmp}/lib", "--k", "2", "--out", "{tmp}/new/c.json"],
+     "at least 2 experts, got 0"),
+    (["cluster", "{tmp}/lib", "--k", "zero"], "invalid MBCConfig"),
+    (["transfer", "{tmp}/lib", "--task", "arithmetic/1_digit_addition", "--metric", "bleu"],
+     "invalid TransferConfig"),
+    (["transfer", "{tmp}/lib", "--out", "{tmp}/new/t.json"], "no tasks"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path, args, message):
     (tmp_path / "empty.jsonl").write_text("\n")
@@ -112,3 +118,77 @@ def test_merge_and_eval_commands(tmp_path):
     seen = quiver("eval", "--method", "expert:add", "--library", lib, "--base", "tiny-llama",
                   "--task", "arithmetic/1_digit_addition", "--limit", 2)
     assert seen.returncode == 2 and "not zero-shot" in seen.stderr
+
+
+def _three_expert_library(tiny_library, path: Path) -> Path:
+    """A copy of the tiny library plus `alpha2`: alpha's weights scaled, so alpha's kin."""
+    import shutil
+
+    import torch
+
+    from quiver.library import Expert, ExpertInfo, Library
+
+    shutil.copytree(tiny_library.url, path)
+    library = Library(str(path))
+    alpha = library.get("alpha")
+    generator = torch.Generator().manual_seed(0)
+    weights = {k: 1.5 * v + 1e-3 * torch.randn(v.shape, generator=generator)
+               for k, v in alpha.weights.items()}
+    info = ExpertInfo(**{**alpha.info.__dict__, "name": "alpha2", "tasks": ["toy:alpha2"]})
+    library.add(Expert(info, alpha.adapter_config, weights=weights))
+    return path
+
+
+def test_cluster_command(tiny_library, tmp_path):
+    lib = _three_expert_library(tiny_library, tmp_path / "lib")
+    out, plot = tmp_path / "clusters.json", tmp_path / "plots" / "heatmap.png"
+    done = quiver("cluster", lib, "--k", 2, "--out", out, "--plot", plot, "--save-as", "mbc2")
+    assert done.returncode == 0, done.stderr
+    expected = {"cluster0": ["alpha", "alpha2"], "cluster1": ["beta"]}
+    assert json.loads(out.read_text()) == expected
+    assert plot.stat().st_size > 5000
+    assert "cluster0" in done.stdout and "toy:alpha2" in done.stdout
+    from quiver.library import Library
+
+    clusters, meta = Library(str(lib)).get_clusters("mbc2")
+    assert clusters == expected and meta["tasks"]["beta"] == ["toy:beta"]
+    too_many = quiver("cluster", lib, "--k", 4, "--out", tmp_path / "no.json")
+    assert too_many.returncode == 2 and "Traceback" not in too_many.stderr
+    assert "k=4 clusters is more than the 3 experts" in too_many.stderr
+    assert not (tmp_path / "no.json").exists()
+
+
+def test_cluster_auto_in_process(tiny_library, tmp_path, monkeypatch, capsys):
+    """`--k auto` through the real entry point, in this process (a subprocess costs ~8 s)."""
+    from quiver.cli import main
+
+    lib = _three_expert_library(tiny_library, tmp_path / "lib")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys, "argv", ["quiver", "cluster", str(lib), "--k", "auto",
+                                      "--silhouette-plot", str(tmp_path / "s.png")])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
+    assert "chose k=2" in capsys.readouterr().out
+    assert (tmp_path / "s.png").stat().st_size > 5000
+
+
+def test_transfer_command(tiny_library, tmp_path):
+    lib = _three_expert_library(tiny_library, tmp_path / "lib")
+    for name in ("copy", "echo"):
+        lines = [json.dumps({"prompt": f"Say: {name} {i}\nAnswer:", "target": f" {name} {i}"})
+                 for i in range(40)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "tasks.txt").write_text(f"jsonl:{tmp_path / 'copy.jsonl'}\n"
+                                        f"jsonl:{tmp_path / 'echo.jsonl'}\n")
+    out, plot = tmp_path / "transfer.json", tmp_path / "transfer.png"
+    done = quiver("transfer", lib, "--tasks-file", tmp_path / "tasks.txt", "--limit", 3,
+                  "--base", "tiny-llama", "--out", out, "--plot", plot, "--quiet")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert list(report["values"]) == ["base", "alpha", "alpha2", "beta"]
+    assert report["metric"] == "loss" and len(report["tasks"]) == 2
+    assert all(len(row) == 2 and all(v > 0 for v in row.values())
+               for row in report["values"].values())
+    assert plot.stat().st_size > 5000
+    assert "transfer matrix" in done.stdout and "alpha2" in done.stdout

@@ -87,7 +87,8 @@ def _generative(model, tokenizer, task, examples, config: EvalConfig) -> dict:
     regex = task.metadata.get("output_regex")
     for start in range(0, len(examples), config.batch_size):
         batch = examples[start : start + config.batch_size]
-        longest = max(len(tokenizer(r)["input_ids"]) for e in batch for r in e.references)
+        longest = max(len(tokenizer(r)["input_ids"])
+                      for e in batch for r in (e.references or (e.target,)))
         new_tokens = min(config.max_new_tokens, longest + 8)
         for example, answer in zip(batch, generate_answers(model, tokenizer, batch, new_tokens,
                                                            stop, regex), strict=True):
