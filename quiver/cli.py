@@ -42,17 +42,18 @@ def main() -> None:
         sys.exit(2)
 
 
-def config_options(cls: type):
-    """Add every field of config dataclass `cls` as a `--option`, and pass `config=cls(...)`.
+def config_options(cls: type, param: str = "config"):
+    """Add every field of config dataclass `cls` as a `--option`, and pass `param=cls(...)`.
 
     The options' names, defaults and help come from the dataclass, so the CLI and the Python
-    API cannot drift apart.
+    API cannot drift apart. A command may take several configs (each under its own `param`),
+    as long as their field names differ.
     """
     hints = typing.get_type_hints(cls)
 
     def decorate(func):
         signature = inspect.signature(func)
-        params = [p for p in signature.parameters.values() if p.name != "config"]
+        params = [p for p in signature.parameters.values() if p.name != param]
         names = []
         for f in dataclasses.fields(cls):
             annotation, default = hints[f.name], f.default
@@ -71,7 +72,7 @@ def config_options(cls: type):
         @functools.wraps(func)
         def wrapper(**kwargs):
             values = {n: kwargs.pop(n) for n in names}
-            return func(config=from_dict(cls, values), **kwargs)
+            return func(**{param: from_dict(cls, values)}, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=params)
         del wrapper.__wrapped__  # typer must see the new signature, not func's
@@ -106,6 +107,46 @@ def train(
         f"{result.tokens_per_second:,.0f} tokens/s, best valid loss "
         f"{result.best_valid_loss:.4f} at step {result.best_step}"
     )
+
+
+# --------------------------------------------------------------------------- build
+from quiver.build import BuildConfig  # noqa: E402
+
+
+@app.command("build")
+@config_options(TrainConfig)
+@config_options(BuildConfig, param="build_config")
+def build_command(
+    tasks_file: Path = typer.Option(..., help="file with one task name per line"),
+    library: str = typer.Option(..., help="the library to build (folder or fsspec URL)"),
+    private: str = typer.Option(None, help="mbc, random: the private library to cluster; "
+                                           "experts it lacks are trained into it first"),
+    base: str = typer.Option(DEFAULT_MODEL, help="base model name, folder or HF id"),
+    dtype: str = typer.Option("auto", help="base weights: auto (GPU bf16, CPU fp32), fp32, bf16"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+    config: TrainConfig = None,
+    build_config: BuildConfig = None,
+) -> None:
+    """Build a library: an expert per task, one shared, or one per (MBC or random) cluster.
+
+    Experts already in the library are skipped and interrupted trainings resume, so running
+    the same command again finishes a build. Exits with 1 if any training failed.
+    """
+    from quiver.build import build_library
+    from quiver.recipes import read_tasks_file
+    from quiver.report import build_table
+
+    report = build_library(read_tasks_file(tasks_file), library, base, config, build_config,
+                           private, dtype, not quiet)
+    if report.private:
+        console.print(build_table(report.private, f"private experts in {private}"))
+    if report.outcomes:
+        console.print(build_table(report.outcomes, f"{report.strategy} library {library}"))
+    if report.failed:
+        names = ", ".join(o.name for o in report.failed)
+        Console(stderr=True).print(f"[bold red]error:[/] {len(report.failed)} training(s) "
+                                   f"failed: {names}", highlight=False)
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------- tasks

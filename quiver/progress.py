@@ -67,3 +67,19 @@ def counting_progress(description: str, enabled: bool = True) -> Iterator:
     with progress:
         task_id = progress.add_task(description, total=None)
         yield lambda done, total: progress.update(task_id, completed=done, total=total)
+
+
+@contextmanager
+def jobs_progress(total: int, description: str, enabled: bool = True) -> Iterator:
+    """A bar over jobs (trainings) with the ETA; yields `advance(note)`, called as each ends."""
+    if not enabled:
+        yield lambda note: None
+        return
+    progress = Progress(
+        TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("[dim]{task.fields[note]}"), TimeElapsedColumn(), TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with progress:
+        task_id = progress.add_task(description, total=total, note="")
+        yield lambda note: progress.update(task_id, advance=1, note=note)

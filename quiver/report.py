@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from quiver.library import Library
+
+if TYPE_CHECKING:
+    from quiver.build import JobOutcome
 
 
 def library_table(library: Library) -> Table:
@@ -30,6 +34,27 @@ def library_table(library: Library) -> Table:
             f"{loss:.3f}" if isinstance(loss, float) else "-",
             info.source,
             info.created,
+        )
+    return table
+
+
+def build_table(outcomes: list[JobOutcome], title: str) -> Table:
+    """One row per job of a build (`quiver.build.JobOutcome`): what it trained, or why not."""
+    table = Table("expert", "tasks", "status", "steps", "valid loss", "seconds", "tries",
+                  "error", title=title)
+    for o in outcomes:
+        tasks = ", ".join(t.removeprefix("bigbench:") for t in o.tasks) or "-"
+        status = {"failed": "[red]failed[/]", "trained": "[green]trained[/]"}.get(o.status,
+                                                                                 o.status)
+        table.add_row(
+            o.name,
+            tasks if len(tasks) < 60 else tasks[:57] + "...",
+            status,
+            "-" if o.steps is None else str(o.steps),
+            f"{o.best_valid_loss:.3f}" if isinstance(o.best_valid_loss, float) else "-",
+            f"{o.seconds:.1f}" if o.status == "trained" else "-",
+            str(o.attempts or "-"),
+            o.error,
         )
     return table
 

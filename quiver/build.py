@@ -1,0 +1,504 @@
+"""Building a library from tasks: the strategies (private, shared, MBC, random clusters) and
+the executors that run the trainings (one after another here, or as Ray tasks on a cluster).
+
+    tasks ──► check ──► jobs (expert name + its tasks) ──► executor ──► library
+                         │
+                         └ mbc / random: private experts ──► clusters ──► one job per cluster
+
+A job is one expert to train. Every job trains straight into the library through
+`quiver.recipes.train_into_library`, so a build is resumable for free: an expert already in
+the library is skipped, a half-trained one resumes from its saved run state, and an add is
+atomic (a failed job never leaves half an expert). A failed job is retried, then reported; it
+never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from quiver.config import from_dict, to_dict
+from quiver.data import load_task
+from quiver.errors import QuiverError
+from quiver.library import Expert, ExpertInfo, Library
+from quiver.library.store import _check_name
+from quiver.recipes import train_into_library
+from quiver.training import TrainConfig
+
+STRATEGIES = ("private", "shared", "mbc", "random")
+EXECUTORS = ("local", "ray")
+CLUSTER_RECORDS = {"mbc": "mbc", "random": "random"}  # strategy -> name of its clusters record
+
+
+@dataclass
+class BuildConfig:
+    """How to build a library: the strategy, and where and how its trainings run."""
+
+    strategy: str = field(default="private", metadata={
+        "help": "private (an expert per task), shared (one on all tasks), mbc (an expert per "
+                "MBC cluster of the private experts), random (MBC's sizes, random members)"})
+    clusters: int = field(default=0, metadata={
+        "help": "mbc, random: the number of clusters K (needed by them, refused by the others)"})
+    cluster_seed: int = field(default=0, metadata={
+        "help": "mbc, random: seed of k-means and of the random membership"})
+    shared_name: str = field(default="shared", metadata={"help": "shared: the expert's name"})
+    executor: str = field(default="local", metadata={
+        "help": "local (trainings one after another) or ray (each training a Ray task)"})
+    address: str = field(default="", metadata={
+        "help": "ray: address of a running cluster (empty: start a local Ray)"})
+    cpus_per_job: float = field(default=1.0, metadata={"help": "ray: CPUs each training holds"})
+    gpus_per_job: float = field(default=0.0, metadata={"help": "ray: GPUs each training holds"})
+    retries: int = field(default=1, metadata={
+        "help": "times a failed training is tried again before it is reported"})
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}: use {', '.join(STRATEGIES)}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.executor!r}: use {', '.join(EXECUTORS)}")
+        clustered = self.strategy in CLUSTER_RECORDS
+        if clustered and self.clusters < 1:
+            raise ValueError(f"strategy {self.strategy} needs a number of clusters K >= 1")
+        if not clustered and self.clusters != 0:
+            raise ValueError(f"strategy {self.strategy} takes no number of clusters")
+        if self.cpus_per_job <= 0 or self.gpus_per_job < 0 or self.retries < 0:
+            raise ValueError("cpus_per_job must be positive, gpus_per_job and retries >= 0")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One expert to train: its name and the tasks whose pooled data it learns."""
+
+    name: str
+    tasks: tuple[str, ...]
+
+
+@dataclass
+class JobOutcome:
+    """What became of one job: `trained`, `skipped` (already in the library) or `failed`."""
+
+    name: str
+    tasks: list[str]
+    status: str
+    attempts: int = 0
+    steps: int | None = None
+    best_valid_loss: float | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class BuildReport:
+    """The outcome of a build. For mbc and random, `private` holds the private experts' jobs
+    (trained into the private library first, or found there)."""
+
+    library: str
+    strategy: str
+    outcomes: list[JobOutcome]
+    private: list[JobOutcome] = field(default_factory=list)
+    clusters: dict[str, list[str]] | None = None
+
+    @property
+    def failed(self) -> list[JobOutcome]:
+        return [o for o in self.private + self.outcomes if o.status == "failed"]
+
+
+# ------------------------------------------------------------------------------ the recipe
+def build_library(
+    task_names: list[str],
+    library_url: str,
+    base: str,
+    train_config: TrainConfig,
+    config: BuildConfig,
+    private_url: str | None = None,
+    dtype: str = "auto",
+    show_progress: bool = True,
+) -> BuildReport:
+    """Build a library of experts from tasks with one of the strategies of `BuildConfig`.
+
+    Everything that can be checked is checked before any training: the tasks (known, not
+    empty, none twice), K, the names the experts will take, the base model of existing
+    libraries. mbc and random cluster the private experts of the tasks found
+    in `private_url`, training the missing ones into it first; the clusters are recorded in
+    the built library (`Library.get_clusters("mbc" | "random")`).
+
+    Trainings that fail (after `config.retries` more tries) are in the report, not raised.
+
+    Raises:
+        QuiverError: bad input, found before anything is written.
+    """
+    tasks = check_tasks(task_names)
+    _check_library(library_url, base)
+    if config.strategy in ("private", "shared"):
+        jobs = private_jobs(tasks) if config.strategy == "private" else [
+            Job(config.shared_name, tuple(tasks))]
+        check_jobs(jobs, library_url)
+        outcomes = run_jobs(jobs, library_url, base, train_config, config, dtype, show_progress)
+        return BuildReport(library_url, config.strategy, outcomes)
+
+    if private_url is None:
+        raise QuiverError(f"strategy {config.strategy} needs a private library (--private)")
+    if len(tasks) < 2:
+        raise QuiverError(f"strategy {config.strategy} clusters experts: give at least 2 tasks")
+    if config.clusters > len(tasks):
+        raise QuiverError(f"cannot make {config.clusters} clusters of {len(tasks)} tasks")
+    _check_library(private_url, base)
+    found = find_private_experts(private_url, tasks)
+    missing = private_jobs([t for t in tasks if t not in found])
+    check_jobs(missing, private_url)
+
+    private = run_jobs(missing, private_url, base, train_config, config, dtype, show_progress)
+    report = BuildReport(library_url, config.strategy, [], private=private)
+    if report.failed:
+        return report  # clustering needs every private expert
+    report.private = [_found(private_url, found[t]) for t in tasks if t in found] + private
+    names = {**found, **{job.tasks[0]: job.name for job in missing}}
+    experts = Library(private_url).experts([names[t] for t in tasks])
+    clusters, meta = mbc_clusters(experts, config.clusters, config.cluster_seed)
+    if config.strategy == "random":
+        meta = {"sizes_from": clusters}  # the MBC clusters whose sizes it copies
+        sizes = [len(members) for members in clusters.values()]
+        clusters = random_clusters(sorted(names.values()), sizes, config.cluster_seed)
+    jobs = cluster_jobs(clusters, experts)
+    check_jobs(jobs, library_url)
+    meta.update(build=to_dict(config), private_library=private_url,
+                tasks={job.name: list(job.tasks) for job in jobs})
+    _record_clusters(library_url, CLUSTER_RECORDS[config.strategy], clusters, meta)
+    report.clusters = clusters
+    report.outcomes = run_jobs(jobs, library_url, base, train_config, config, dtype,
+                               show_progress)
+    return report
+
+
+# ----------------------------------------------------------------------------- checking
+def check_tasks(task_names: list[str]) -> list[str]:
+    """The tasks' canonical names (`bigbench:...`), once each is known to exist and have
+    examples.
+
+    Raises:
+        QuiverError: no tasks, an unknown or empty task, or a task listed twice (under any
+            spelling).
+    """
+    if not task_names:
+        raise QuiverError("no tasks to build from")
+    first_spelling: dict[str, str] = {}
+    for given in task_names:
+        task = load_task(given)  # raises for unknown and empty tasks
+        if task.name in first_spelling:
+            raise QuiverError(f"task {task.name!r} is listed twice "
+                              f"(as {first_spelling[task.name]!r} and {given!r})")
+        first_spelling[task.name] = given
+    return list(first_spelling)
+
+
+def check_jobs(jobs: list[Job], library_url: str) -> None:
+    """Refuse jobs whose expert names are taken in the library by experts of other tasks.
+
+    Raises:
+        QuiverError: a bad name, two jobs with one name, or a name held by an expert of
+            other tasks.
+    """
+    names = [job.name for job in jobs]
+    for name in names:
+        _check_name(name)  # before training, not at the add after it
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise QuiverError(f"several experts would be named {twice}")
+    library = _open(library_url)
+    for job in jobs if library is not None else []:
+        if job.name in library and set(library.get(job.name).info.tasks) != set(job.tasks):
+            raise QuiverError(
+                f"expert {job.name!r} in {library_url} was trained on "
+                f"{library.get(job.name).info.tasks}, not {list(job.tasks)}: remove it or "
+                "build into another library"
+            )
+
+
+def _check_library(url: str, base: str) -> None:
+    library = _open(url)
+    pinned = library.base if library is not None else None
+    if pinned is not None and pinned["name"] != base:
+        raise QuiverError(f"library {url} is for base model {pinned['name']!r}, not {base!r}")
+
+
+def _open(url: str) -> Library | None:
+    try:
+        return Library(url)
+    except QuiverError:
+        return None  # not created yet: the first training creates it
+
+
+# --------------------------------------------------------------------------- strategies
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def expert_name(task: str) -> str:
+    """The private expert's name for a task, valid in a library.
+
+    `bigbench:arithmetic/1_digit_addition` -> `arithmetic.1_digit_addition`,
+    `jsonl:/data/my task.jsonl` -> `my_task`, `hf:/data/flan#cot_gsm8k` -> `cot_gsm8k`.
+    """
+    if task.startswith("jsonl:"):
+        stem = os.path.basename(task.removeprefix("jsonl:"))
+        name = stem.removesuffix(".jsonl")
+    elif task.startswith("hf:"):
+        path, _, subtask = task.removeprefix("hf:").partition("#")
+        name = subtask or os.path.basename(path.rstrip("/"))
+    else:
+        name = task.removeprefix("bigbench:").replace("/", ".")
+    name = _UNSAFE.sub("_", name).lstrip("._-")[:128]
+    return name or "task"
+
+
+def private_jobs(tasks: list[str]) -> list[Job]:
+    """One job per task, named by `expert_name`.
+
+    Raises:
+        QuiverError: two tasks that would give their experts the same name.
+    """
+    jobs, owner = [], {}
+    for task in tasks:
+        name = expert_name(task)
+        if name in owner:
+            raise QuiverError(f"tasks {owner[name]!r} and {task!r} would both make an expert "
+                              f"named {name!r}: rename one of them")
+        owner[name] = task
+        jobs.append(Job(name, (task,)))
+    return jobs
+
+
+def find_private_experts(private_url: str, tasks: list[str]) -> dict[str, str]:
+    """`{task: name}` of the single-task experts of `tasks` already in the private library
+    (any name; the `expert_name` one first, when there are several)."""
+    library = _open(private_url)
+    found: dict[str, str] = {}
+    for name in library.names() if library is not None else []:
+        trained_on = library.get(name).info.tasks
+        if len(trained_on) == 1 and trained_on[0] in tasks:
+            task = trained_on[0]
+            if task not in found or name == expert_name(task):
+                found[task] = name
+    return found
+
+
+def mbc_clusters(experts: list[Expert], k: int, seed: int) -> tuple[dict[str, list[str]], dict]:
+    """MBC: `{cluster0: [private expert names], ...}` from the experts' LoRA parameters, and
+    how they were computed (`Clustering.meta()`)."""
+    from quiver.transforms.mbc import MBCConfig, cluster_experts  # scikit-learn: only here
+
+    clustering = cluster_experts(experts, MBCConfig(k=k, seed=seed))
+    clusters = {name: list(members) for name, members in clustering.clusters.items()}
+    return clusters, clustering.meta()
+
+
+def random_clusters(members: list[str], sizes: list[int], seed: int) -> dict[str, list[str]]:
+    """The random-clusters baseline: `members` shuffled (seeded) and cut into `sizes`.
+
+    Raises:
+        QuiverError: the sizes do not add up to the number of members.
+    """
+    if sum(sizes) != len(members) or min(sizes, default=1) < 1:
+        raise QuiverError(f"cluster sizes {sizes} do not split {len(members)} experts")
+    order = sorted(members)  # independent of the order they were given in
+    random.Random(seed).shuffle(order)
+    clusters, start = {}, 0
+    for index, size in enumerate(sizes):
+        clusters[f"random{index}"] = order[start:start + size]
+        start += size
+    return clusters
+
+
+def cluster_jobs(clusters: dict[str, list[str]], experts: list[Expert]) -> list[Job]:
+    """One job per cluster, on the pooled tasks of its private experts."""
+    tasks_of = {expert.name: expert.info.tasks for expert in experts}
+    jobs = []
+    for name, members in clusters.items():
+        tasks = [t for member in members for t in tasks_of[member]]
+        jobs.append(Job(name, tuple(dict.fromkeys(tasks))))
+    return jobs
+
+
+def _record_clusters(library_url: str, record: str, clusters: dict[str, list[str]],
+                     meta: dict) -> None:
+    """Save the clusters in the library (before training: they are the build's plan).
+
+    Raises:
+        QuiverError: the library already records other clusters under this name.
+    """
+    library = Library(library_url, create=True)
+    stored = library.get_clusters(record)
+    if stored is not None and stored[0] != clusters:
+        raise QuiverError(f"library {library_url} already holds other {record!r} clusters: "
+                          "build into another library")
+    if stored is None:
+        library.put_clusters(record, clusters, meta)
+
+
+def _found(library_url: str, name: str) -> JobOutcome:
+    return _skipped(Library(library_url).get(name).info)
+
+
+# ---------------------------------------------------------------------------- executors
+def run_jobs(
+    jobs: list[Job],
+    library_url: str,
+    base: str,
+    train_config: TrainConfig,
+    config: BuildConfig,
+    dtype: str = "auto",
+    show_progress: bool = True,
+) -> list[JobOutcome]:
+    """Train the jobs' experts into the library, skipping those already there.
+
+    `config.executor` chooses where: `local` trains one after another in this process (the
+    base model loaded once); `ray` makes each job a Ray task that loads the base model itself
+    (`config.cpus_per_job`, `config.gpus_per_job`) on a local Ray or `config.address`. A job
+    that fails is tried again `config.retries` times, then reported as failed.
+    """
+    from quiver.progress import jobs_progress
+
+    library = _open(library_url)
+    done = {job.name: library.get(job.name).info
+            for job in jobs if library is not None and job.name in library}
+    outcomes = {name: _skipped(info) for name, info in done.items()}
+    pending = [job for job in jobs if job.name not in done]
+    if pending:
+        run = _run_on_ray if config.executor == "ray" else _run_locally
+        with jobs_progress(len(pending), f"{config.executor} build", show_progress) as advance:
+            for outcome in run(pending, library_url, base, train_config, config, dtype):
+                outcomes[outcome.name] = outcome
+                advance(f"{outcome.name} {outcome.status}")
+    return [outcomes[job.name] for job in jobs]
+
+
+def train_job(
+    name: str,
+    tasks: list[str],
+    library_url: str,
+    base: str,
+    train_config: dict,
+    dtype: str = "auto",
+    model_and_tokenizer=None,
+) -> dict:
+    """Train one expert into the library (what every executor runs for a job).
+
+    `train_config` is `to_dict(TrainConfig)`: plain JSON, whatever the executor ships. An
+    expert already stored under `name` (a retry after a failure that came after the add, or
+    another builder) is described instead of trained again.
+
+    Returns:
+        `{"status", "steps", "best_valid_loss", "seconds"}`.
+    """
+    library = _open(library_url)
+    if library is not None and name in library:
+        return _summary(library.get(name).info, "exists")
+    started = time.perf_counter()
+    _, result = train_into_library(tasks, library_url, name, base,
+                                   from_dict(TrainConfig, train_config), show_progress=False,
+                                   model_and_tokenizer=model_and_tokenizer, dtype=dtype)
+    return {"status": "trained", "steps": result.steps, "best_valid_loss": result.best_valid_loss,
+            "seconds": time.perf_counter() - started}
+
+
+def _run_locally(pending, library_url, base, train_config, config, dtype) -> Iterator[JobOutcome]:
+    from quiver.models import load_base
+
+    model_and_tokenizer = load_base(base, dtype=dtype)  # once for every job
+    for job in pending:
+        errors = []
+        while len(errors) <= config.retries:
+            try:
+                result = train_job(job.name, list(job.tasks), library_url, base,
+                                   to_dict(train_config), dtype, model_and_tokenizer)
+            except Exception as err:  # one failed training must not stop the build
+                errors.append(_describe(err))
+                continue
+            yield _outcome(job, result, attempts=len(errors) + 1)
+            break
+        else:
+            yield _failed(job, errors)
+
+
+def _run_on_ray(pending, library_url, base, train_config, config, dtype) -> Iterator[JobOutcome]:
+    import ray
+
+    if "://" not in library_url:  # workers may start in another folder than the driver
+        library_url = os.path.abspath(library_url)
+    owned = not ray.is_initialized()  # a Ray the caller started stays up for the caller
+    if owned:
+        ray.init(address=config.address or None, runtime_env=_runtime_env(),
+                 log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        # Retries happen here, not in Ray: every failure (an exception or a lost worker)
+        # counts the same, and the report says how many tries each job took.
+        remote = ray.remote(num_cpus=config.cpus_per_job, num_gpus=config.gpus_per_job,
+                            max_retries=0)(_ray_train_job)
+
+        def submit(job: Job):
+            return remote.remote(job.name, list(job.tasks), library_url, base,
+                                 to_dict(train_config), dtype, config.cpus_per_job)
+
+        running = {submit(job): (job, []) for job in pending}
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            job, errors = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as err:  # the job's own exception, or Ray's word for a crash
+                errors.append(_describe(err))
+                if len(errors) <= config.retries:
+                    running[submit(job)] = (job, errors)
+                else:
+                    yield _failed(job, errors)
+                continue
+            yield _outcome(job, result, attempts=len(errors) + 1)
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _ray_train_job(name, tasks, library_url, base, train_config, dtype, cpus) -> dict:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))  # stay within the CPUs Ray reserved for the job
+    return train_job(name, tasks, library_url, base, train_config, dtype)
+
+
+def _runtime_env() -> dict:
+    """Ray workers import the driver's quiver first (a source checkout, or the installed one
+    on nodes where that folder does not exist)."""
+    source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {"env_vars": {"PYTHONPATH": f"{source}{os.pathsep}${{PYTHONPATH}}"}}
+
+
+# ------------------------------------------------------------------------------ outcomes
+def _summary(info: ExpertInfo, status: str) -> dict:
+    return {"status": status, "steps": info.training.get("steps_run"),
+            "best_valid_loss": info.metrics.get("best_valid_loss"), "seconds": 0.0}
+
+
+def _skipped(info: ExpertInfo) -> JobOutcome:
+    summary = _summary(info, "skipped")
+    return JobOutcome(info.name, list(info.tasks), "skipped", 0, summary["steps"],
+                      summary["best_valid_loss"])
+
+
+def _outcome(job: Job, result: dict, attempts: int) -> JobOutcome:
+    status = "trained" if result["status"] == "trained" else "skipped"
+    return JobOutcome(job.name, list(job.tasks), status, attempts, result["steps"],
+                      result["best_valid_loss"], result["seconds"])
+
+
+def _failed(job: Job, errors: list[str]) -> JobOutcome:
+    return JobOutcome(job.name, list(job.tasks), "failed", len(errors), error=errors[-1])
+
+
+def _describe(err: BaseException) -> str:
+    cause = getattr(err, "cause", None) or err  # Ray wraps a task's exception; show the job's
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
