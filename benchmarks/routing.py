@@ -69,7 +69,14 @@ def _timed(fn, repeats: int) -> float:
     return min(times)
 
 
-def run_one(n_experts: int, library_dir: str, peft: bool, repeats: int) -> dict:
+def _swap(model, routed: dict, with_experts: bool) -> None:
+    """Put the routed layers (or their plain base layers) into the model."""
+    for name, layer in routed.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer if with_experts else layer.base)
+
+
+def run_one(n_experts: int, library_dir: str, peft: bool, repeats: int, rounds: int) -> dict:
     from quiver.library import Library
     from quiver.models import load_base
     from quiver.reuse import reuse
@@ -89,14 +96,23 @@ def run_one(n_experts: int, library_dir: str, peft: bool, repeats: int) -> dict:
 
     row = {"experts": n_experts}
     with torch.no_grad():
-        base_prefill = _timed(prefill(model), repeats)
-        base_decode = _timed(decode(model), max(1, repeats - 1))
+        _timed(prefill(model), 1), _timed(decode(model), 1)
         rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # base's own peak
         started = time.perf_counter()
         reuse(model, library, method="arrow", experts=names, top_k=4)
         row["load_s"] = round(time.perf_counter() - started, 2)
-        row["prefill_ratio"] = round(_timed(prefill(model), repeats) / base_prefill, 3)
-        row["decode_ratio"] = round(_timed(decode(model), max(1, repeats - 1)) / base_decode, 3)
+        # Base and routed runs alternate, so a busy spell of the machine hits both alike.
+        routed = {m.name: m for m in model.quiver_routing.layers}
+        times = {"base_prefill": [], "prefill": [], "base_decode": [], "decode": []}
+        for _ in range(rounds):
+            for with_experts in (False, True):
+                _swap(model, routed, with_experts)
+                tag = "" if with_experts else "base_"
+                times[tag + "prefill"].append(_timed(prefill(model), repeats))
+                times[tag + "decode"].append(_timed(decode(model), max(1, repeats - 1)))
+        base_prefill, base_decode = min(times["base_prefill"]), min(times["base_decode"])
+        row["prefill_ratio"] = round(min(times["prefill"]) / base_prefill, 3)
+        row["decode_ratio"] = round(min(times["decode"]) / base_decode, 3)
         row["base_prefill_s"] = round(base_prefill, 3)
         row["base_decode_s"] = round(base_decode, 3)
         strategies = sorted({v for k, v in model.quiver_routing.layers[0].mixture.choices.items()})
@@ -119,6 +135,7 @@ def _peft(n_experts, library, names, prefill, decode, base_prefill, base_decode,
 
     from quiver.models import load_base
 
+    repeats = repeats if n_experts <= 32 else 1  # PEFT takes about a minute per call there
     folders = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -141,19 +158,22 @@ def main() -> None:
     parser.add_argument("--peft-max", type=int, default=32,
                         help="run PEFT only up to this many experts (it is slow to load and run)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternations of base and routed measurements")
     parser.add_argument("--library", default=str(Path(tempfile.gettempdir()) / "quiver-bench"))
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         row = run_one(args.one, f"{args.library}/library", args.one <= args.peft_max,
-                      args.repeats)
+                      args.repeats, args.rounds)
         print("RESULT " + json.dumps(row), flush=True)
         return
     make_library(Path(args.library), max(args.experts))
     rows = []
     for n in args.experts:
         command = [sys.executable, __file__, "--one", str(n), "--library", args.library,
-                   "--peft-max", str(args.peft_max), "--repeats", str(args.repeats)]
+                   "--peft-max", str(args.peft_max), "--repeats", str(args.repeats),
+                   "--rounds", str(args.rounds)]
         done = subprocess.run(command, capture_output=True, text=True)
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         rows.append(json.loads(line[7:]) if line else
