@@ -1,13 +1,21 @@
-"""Zero-shot reuse of a private library on held-out BIG-bench tasks (small, offline).
+"""The paper's main table, small and offline: does a library help on tasks it never saw?
 
-1. Train a private library: one expert per training task (none of them in BIG-bench Lite or
-   BIG-bench Hard), the embedded SmolLM2-135M-Instruct, a short budget. Resumable.
-2. Merge it (uniform A/B average, TIES) into two more experts.
-3. Evaluate on held-out multiple-choice tasks of BIG-bench Lite, none seen by any expert:
-   base model, uniform merge, TIES merge, Arrow, PHATGOOSE and centroid routing.
+1. Libraries, all from the same explicit list of BIG-bench training tasks (none of them in
+   BIG-bench Lite or BIG-bench Hard), on the embedded SmolLM2-135M-Instruct:
+   private (an expert per task), MBC (an expert per cluster of the private experts), random
+   clusters (MBC's sizes, random members) and shared (one expert on every task). Each is
+   built with `quiver.build.build_library`, so a stopped run resumes where it was.
+2. Merges of the private library: uniform (A and B averaged) and TIES.
+3. Every method on held-out multiple-choice tasks of BIG-bench Lite (no expert saw them, and
+   nothing here is tuned on their test split): base, shared, uniform merge, TIES, Arrow over
+   private / MBC / random, PHATGOOSE and centroid routing over private.
+4. Accuracy per task and on average with bootstrap 95% intervals (examples resampled within
+   each task), paired intervals for MBC + Arrow against base, uniform merge and shared, a
+   Markdown table and a bar plot.
 
-Usage: .venv/bin/python benchmarks/zero_shot.py --budget smoke
-Writes benchmarks/results/zero_shot_<budget>.json and .md (per-task accuracy and average).
+Usage: .venv/bin/python benchmarks/zero_shot.py --budget smoke|small|full
+Writes benchmarks/results/zero_shot_<budget>.{json,md,png}; evaluations are cached in the run
+folder (runs/zero-shot-<budget>/), so a re-run only evaluates what is missing.
 """
 
 from __future__ import annotations
@@ -19,114 +27,316 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-TRAIN_TASKS = [  # none is in BIG-bench Lite or BIG-bench Hard
+TRAIN_TASKS = [  # BIG-bench, none in BIG-bench Lite or BIG-bench Hard; MC then generative
+    "bigbench:anachronisms",
+    "bigbench:analogical_similarity",
+    "bigbench:arithmetic",
+    "bigbench:cause_and_effect",
+    "bigbench:color",
+    "bigbench:discourse_marker_prediction",
+    "bigbench:elementary_math_qa",
+    "bigbench:epistemic_reasoning",
+    "bigbench:fact_checker",
+    "bigbench:goal_step_wikihow",
+    "bigbench:implicatures",
+    "bigbench:intent_recognition",
+    "bigbench:logical_fallacy_detection",
+    "bigbench:metaphor_boolean",
+    "bigbench:moral_permissibility",
+    "bigbench:physics",
+    "bigbench:presuppositions_as_nli",
+    "bigbench:question_selection",
     "bigbench:social_iqa",
     "bigbench:timedial",
-    "bigbench:epistemic_reasoning",
-    "bigbench:implicatures",
-    "bigbench:question_selection",
-    "bigbench:fact_checker",
-    "bigbench:metaphor_boolean",
-    "bigbench:intent_recognition",
+    "bigbench:auto_categorization",
+    "bigbench:bridging_anaphora_resolution_barqa",
+    "bigbench:disfl_qa",
+    "bigbench:language_games",
+    "bigbench:linguistic_mappings",
+    "bigbench:list_functions",
+    "bigbench:modified_arithmetic",
+    "bigbench:periodic_elements",
+    "bigbench:qa_wikidata",
+    "bigbench:tense",
+    "bigbench:unit_conversion",
+    "bigbench:word_unscrambling",
 ]
-HELD_OUT = [  # multiple-choice tasks of BIG-bench Lite
+HELD_OUT = [  # the multiple-choice tasks of BIG-bench Lite (bigbench_lite_v1)
     "bigbench:emoji_movie",
     "bigbench:strategyqa",
     "bigbench:vitaminc_fact_verification",
     "bigbench:winowhy",
-    "bigbench:play_dialog_same_or_different",
     "bigbench:formal_fallacies_syllogisms_negation",
+    "bigbench:hindu_knowledge",
+    "bigbench:conceptual_combinations",
+    "bigbench:bbq_lite_json",
+    "bigbench:play_dialog_same_or_different",
+    "bigbench:strange_stories",
+    "bigbench:language_identification",
+    "bigbench:logical_deduction",
+    "bigbench:code_line_description",
+    "bigbench:known_unknowns",
+    "bigbench:misconceptions_russian",
+    "bigbench:novel_concepts",
+    "bigbench:logic_grid_puzzle",
+    "bigbench:symbol_interpretation",
 ]
-BUDGETS = {
-    "smoke": {"experts": 6, "steps": 40, "held_out": 4, "limit": 40, "gate_steps": 30},
-    "small": {"experts": 8, "steps": 200, "held_out": 6, "limit": 200, "gate_steps": 100},
+BUDGETS = {  # steps are per expert; cluster and shared experts see more tasks, so more steps
+    "smoke": {"tasks": 8, "private_steps": 16, "cluster_steps": 32, "shared_steps": 64,
+              "clusters": 3, "held_out": 4, "limit": 20, "gate_steps": 10, "batch": 4,
+              "max_length": 160, "dtype": "bf16"},
+    "small": {"tasks": 32, "private_steps": 12, "cluster_steps": 32, "shared_steps": 96,
+              "clusters": 6, "held_out": 8, "limit": 50, "gate_steps": 10, "batch": 8,
+              "max_length": 192, "dtype": "bf16"},
+    "full": {"tasks": 32, "private_steps": 500, "cluster_steps": 1500, "shared_steps": 4000,
+             "clusters": 8, "held_out": 18, "limit": 0, "gate_steps": 100, "batch": 16,
+             "max_length": 512, "dtype": "auto"},
 }
-METHODS = ["base", "expert:uniform-merge", "expert:ties-merge", "arrow", "phatgoose",
-           "centroid"]
+BOOTSTRAP = 2000
+
+
+def methods(names: dict[str, list[str]]) -> list[dict]:
+    """Each evaluated method: its label, quiver method, library and experts."""
+    private = names["private"]
+    return [
+        {"label": "base", "method": "base", "library": None, "experts": None},
+        {"label": "shared", "method": "expert:shared", "library": "shared", "experts": None},
+        {"label": "uniform merge", "method": "expert:uniform-merge", "library": "merges",
+         "experts": None},
+        {"label": "TIES", "method": "expert:ties-merge", "library": "merges", "experts": None},
+        {"label": "Arrow private", "method": "arrow", "library": "private", "experts": private},
+        {"label": "Arrow MBC", "method": "arrow", "library": "mbc", "experts": names["mbc"]},
+        {"label": "Arrow random", "method": "arrow", "library": "random",
+         "experts": names["random"]},
+        {"label": "PHATGOOSE private", "method": "phatgoose", "library": "private",
+         "experts": private},
+        {"label": "centroid private", "method": "centroid", "library": "private",
+         "experts": private},
+    ]
+
+
+def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, list[str]]:
+    """Train (or find) the four libraries and the two merges; returns each one's experts."""
+    from quiver.build import BuildConfig, build_library
+    from quiver.library import Library
+    from quiver.merging import merge_experts
+    from quiver.models import fingerprint, linear_module_shapes
+    from quiver.training import TrainConfig
+
+    tasks = TRAIN_TASKS[: budget["tasks"]]
+
+    def train_config(steps: int) -> TrainConfig:
+        return TrainConfig(steps=steps, batch_size=budget["batch"], lr=1e-3,
+                           max_length=budget["max_length"], eval_every=steps, eval_examples=32)
+
+    private_url = str(run / "private")
+    plans = [
+        ("private", BuildConfig(strategy="private"), budget["private_steps"]),
+        ("mbc", BuildConfig(strategy="mbc", clusters=budget["clusters"]),
+         budget["cluster_steps"]),
+        ("random", BuildConfig(strategy="random", clusters=budget["clusters"]),
+         budget["cluster_steps"]),
+        ("shared", BuildConfig(strategy="shared"), budget["shared_steps"]),
+    ]
+    names = {}
+    for label, config, steps in plans:
+        print(f"== building the {label} library", flush=True)
+        report = build_library(tasks, str(run / label), "smollm2-135m", train_config(steps),
+                               config, private_url=private_url, dtype=budget["dtype"])
+        if report.failed:
+            raise SystemExit(f"{label}: trainings failed: {[o.name for o in report.failed]}")
+        names[label] = [o.name for o in report.outcomes]
+    merges = Library(str(run / "merges"), create=True)
+    model = model_and_tokenizer[0]
+    merges.ensure_base("smollm2-135m", fingerprint(model), linear_module_shapes(model))
+    private = Library(private_url)
+    for method, name in (("uniform", "uniform-merge"), ("ties", "ties-merge")):
+        if name not in merges:
+            merged, _ = merge_experts(private.experts(names["private"]), method, name)
+            merges.add(merged)
+    return names
+
+
+def evaluate_all(run: Path, budget: dict, names, model_and_tokenizer) -> list[dict]:
+    """Every method's report (cached in the run folder as it finishes)."""
+    from quiver.evaluation import EvalConfig
+    from quiver.recipes import evaluate_method
+
+    held_out = HELD_OUT[: budget["held_out"]]
+    reports = []
+    for spec in methods(names):
+        cache = run / "eval" / (spec["label"].replace(" ", "-") + ".json")
+        if cache.exists():
+            reports.append(json.loads(cache.read_text()))
+            continue
+        print(f"== evaluating {spec['label']}", flush=True)
+        started = time.perf_counter()
+        library = str(run / spec["library"]) if spec["library"] else None
+        plot = run / "eval" / (spec["label"].replace(" ", "-") + "-routing.png")
+        routed = spec["method"] in ("arrow", "phatgoose", "centroid")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        report = evaluate_method(spec["method"], held_out, library, "smollm2-135m",
+                                 EvalConfig(limit=budget["limit"]), experts=spec["experts"],
+                                 model_and_tokenizer=model_and_tokenizer,
+                                 gate_steps=budget["gate_steps"],
+                                 routing_plot=plot if routed else None)
+        report.update(label=spec["label"], seconds=round(time.perf_counter() - started, 1))
+        cache.write_text(json.dumps(report))
+        reports.append(report)
+        print(f"{spec['label']}: {report['average']['accuracy']:.1f}", flush=True)
+    return reports
+
+
+# ----------------------------------------------------------------------------- statistics
+def hits(report: dict) -> dict[str, np.ndarray]:
+    return {task: np.asarray(r["per_example"]["accuracy"]) for task, r in
+            report["tasks"].items()}
+
+
+def bootstrap_average(per_task: list[dict[str, np.ndarray]], seed: int = 0) -> np.ndarray:
+    """(B, len(per_task)) bootstrap averages over tasks of the mean hit rate (in %), with the
+    same resampled examples for every method (so differences are paired)."""
+    rng = np.random.default_rng(seed)
+    tasks = list(per_task[0])
+    totals = np.zeros((BOOTSTRAP, len(per_task)))
+    for task in tasks:
+        n = len(per_task[0][task])
+        draws = rng.integers(0, n, size=(BOOTSTRAP, n))
+        for m, method_hits in enumerate(per_task):
+            totals[:, m] += method_hits[task][draws].mean(axis=1)
+    return 100 * totals / len(tasks)
+
+
+def interval(samples: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summarise(reports: list[dict]) -> dict:
+    per_task = [hits(r) for r in reports]
+    samples = bootstrap_average(per_task)
+    labels = [r["label"] for r in reports]
+    summary = {"methods": {}, "paired": {}}
+    for m, label in enumerate(labels):
+        task_ci = {}
+        for task, values in per_task[m].items():
+            one = bootstrap_average([{task: values}], seed=m)[:, 0]
+            task_ci[task] = interval(one)
+        summary["methods"][label] = {
+            "average": reports[m]["average"]["accuracy"],
+            "ci": interval(samples[:, m]),
+            "tasks": {t: reports[m]["tasks"][t]["accuracy"] for t in per_task[m]},
+            "task_ci": task_ci,
+            "seconds": reports[m].get("seconds"),
+        }
+    target = labels.index("Arrow MBC")
+    for other in ("base", "uniform merge", "shared", "Arrow private"):
+        diff = samples[:, target] - samples[:, labels.index(other)]
+        summary["paired"][other] = {"difference": float(diff.mean()), "ci": interval(diff)}
+    return summary
+
+
+# ---------------------------------------------------------------------------------- output
+def write(args, budget, reports, summary, clusters, timings) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    command = "python benchmarks/zero_shot.py " + " ".join(sys.argv[1:])
+    stem = RESULTS / f"zero_shot_{args.budget}"
+    RESULTS.mkdir(exist_ok=True)
+    slim = [{k: v for k, v in r.items() if k not in ("routing",)} for r in reports]
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"command": command, "commit": commit, "machine": machine, "budget": budget,
+         "train_tasks": TRAIN_TASKS[: budget["tasks"]],
+         "held_out": HELD_OUT[: budget["held_out"]], "clusters": clusters,
+         "timings_s": timings, "summary": summary, "reports": slim}, indent=1))
+    _plot(summary, stem.with_suffix(".png"), args.budget)
+
+    labels = list(summary["methods"])
+    tasks = list(reports[0]["tasks"])
+    n = {t: reports[0]["tasks"][t]["examples"] for t in tasks}
+    lines = [
+        f"# Zero-shot reuse on held-out BIG-bench Lite tasks, budget `{args.budget}`", "",
+        f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}; "
+        f"{timings['build'] / 60:.0f} min to build the libraries, "
+        f"{timings['evaluate'] / 60:.0f} min to evaluate.", "",
+        f"SmolLM2-135M-Instruct ({budget['dtype']}), LoRA r=4 on all linear layers. "
+        f"{budget['tasks']} training tasks; private experts {budget['private_steps']} steps, "
+        f"MBC and random-cluster experts ({budget['clusters']} clusters) "
+        f"{budget['cluster_steps']} steps, the shared expert {budget['shared_steps']} steps "
+        f"(batch {budget['batch']}). Held out: {len(tasks)} BIG-bench Lite multiple-choice "
+        f"tasks, at most {budget['limit'] or 'all'} test examples each; accuracy (%) by "
+        "log-likelihood. Intervals: 95% bootstrap, examples resampled within tasks.", "",
+        "| method | average | 95% interval | " + " | ".join(
+            t.removeprefix("bigbench:") + f" (n={n[t]})" for t in tasks) + " |",
+        "|---|---:|---:|" + "---:|" * len(tasks),
+    ]
+    for label in labels:
+        m = summary["methods"][label]
+        cells = [f"{m['tasks'][t]:.1f}" for t in tasks]
+        lines.append(f"| {label} | **{m['average']:.1f}** | {m['ci'][0]:.1f} to "
+                     f"{m['ci'][1]:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "Arrow over MBC minus each baseline (paired bootstrap, same examples):", "",
+              "| against | difference | 95% interval |", "|---|---:|---:|"]
+    for other, d in summary["paired"].items():
+        lines.append(f"| {other} | {d['difference']:+.1f} | {d['ci'][0]:+.1f} to "
+                     f"{d['ci'][1]:+.1f} |")
+    lines += ["", "MBC clusters:", ""]
+    lines += [f"- {name}: {', '.join(members)}" for name, members in clusters.items()]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _plot(summary: dict, path: Path, budget: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(summary["methods"])
+    means = [summary["methods"][m]["average"] for m in labels]
+    low = [mean - summary["methods"][m]["ci"][0] for m, mean in zip(labels, means, strict=True)]
+    high = [summary["methods"][m]["ci"][1] - mean for m, mean in zip(labels, means, strict=True)]
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    colours = ["#888888" if m in ("base",) else "#1f77b4" if "Arrow" in m else "#ff7f0e"
+               for m in labels]
+    axes.bar(range(len(labels)), means, yerr=[low, high], capsize=4, color=colours)
+    axes.axhline(means[labels.index("base")], color="#444444", linestyle="--", linewidth=1)
+    axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    axes.set_ylabel("average accuracy on held-out tasks (%)")
+    axes.set_title(f"Zero-shot reuse, budget {budget} (95% bootstrap intervals)")
+    axes.set_ylim(max(0, min(means) - 15), min(100, max(means) + 15))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
-    parser.add_argument("--library", default="runs/zero-shot-library")
+    parser.add_argument("--run", help="run folder (default runs/zero-shot-<budget>)")
     args = parser.parse_args()
     budget = BUDGETS[args.budget]
+    run = Path(args.run or f"runs/zero-shot-{args.budget}").absolute()
 
-    from quiver.evaluation import EvalConfig
     from quiver.library import Library
-    from quiver.merging import merge_experts
     from quiver.models import load_base
-    from quiver.recipes import evaluate_method, train_into_library
-    from quiver.training import TrainConfig
 
+    model_and_tokenizer = load_base("smollm2-135m", dtype=budget["dtype"])
     started = time.perf_counter()
-    model_and_tokenizer = load_base("smollm2-135m")
-    config = TrainConfig(steps=budget["steps"], batch_size=8, max_length=256, lr=1e-3,
-                         eval_every=max(1, budget["steps"] // 4), eval_examples=64)
-    library = Library(args.library, create=True)
-    tasks = TRAIN_TASKS[: budget["experts"]]
-    for task in tasks:
-        name = task.removeprefix("bigbench:")
-        if name not in library:
-            train_into_library([task], args.library, name, "smollm2-135m", config,
-                               model_and_tokenizer=model_and_tokenizer)
-    private = [t.removeprefix("bigbench:") for t in tasks]
-    for method, name in (("uniform", "uniform-merge"), ("ties", "ties-merge")):
-        if name not in library:
-            merged, _ = merge_experts(library.experts(private), method, name)
-            library.add(merged)
-    train_seconds = time.perf_counter() - started
-
-    held_out = HELD_OUT[: budget["held_out"]]
-    reports = []
-    for method in METHODS:
-        routed = method in ("arrow", "phatgoose", "centroid")
-        report = evaluate_method(method, held_out, args.library, "smollm2-135m",
-                                 EvalConfig(limit=budget["limit"]),
-                                 experts=private if routed else None,
-                                 model_and_tokenizer=model_and_tokenizer,
-                                 gate_steps=budget["gate_steps"])
-        reports.append(report)
-        print(method, report["average"], flush=True)
-    _write(args, budget, reports, train_seconds, time.perf_counter() - started)
-
-
-def _write(args, budget, reports, train_seconds, total_seconds) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
-    command = "python benchmarks/zero_shot.py " + " ".join(sys.argv[1:])
-    RESULTS.mkdir(exist_ok=True)
-    slim = [{k: v for k, v in r.items() if k != "routing"} for r in reports]
-    (RESULTS / f"zero_shot_{args.budget}.json").write_text(json.dumps(
-        {"command": command, "commit": commit, "machine": machine, "budget": budget,
-         "train_tasks": TRAIN_TASKS[: budget["experts"]], "reports": slim}, indent=1))
-    tasks = list(reports[0]["tasks"])
-    lines = [
-        f"# Zero-shot reuse, budget `{args.budget}`", "",
-        f"`{command}` at commit `{commit}`, {machine}; {train_seconds / 60:.0f} min to build "
-        f"the library, {total_seconds / 60:.0f} min in all.",
-        f"Library: {budget['experts']} private experts (SmolLM2-135M-Instruct, LoRA r=4, "
-        f"{budget['steps']} steps each), plus their uniform and TIES merges. Held-out tasks: "
-        f"BIG-bench Lite multiple choice, at most {budget['limit']} test examples each. "
-        "Accuracy (%), log-likelihood scoring.", "",
-        "| task | n | " + " | ".join(r["method"] for r in reports) + " |",
-        "|---|---:|" + "---:|" * len(reports),
-    ]
-    for task in tasks:
-        cells = [f"{r['tasks'][task]['accuracy']:.1f}" for r in reports]
-        n = reports[0]["tasks"][task]["examples"]
-        lines.append(f"| {task.removeprefix('bigbench:')} | {n} | " + " | ".join(cells) + " |")
-    lines.append("| **average** | | " + " | ".join(
-        f"**{r['average']['accuracy']:.1f}**" for r in reports) + " |")
-    (RESULTS / f"zero_shot_{args.budget}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    names = build_libraries(run, budget, model_and_tokenizer)
+    built = time.perf_counter()
+    reports = evaluate_all(run, budget, names, model_and_tokenizer)
+    timings = {"build": built - started, "evaluate": time.perf_counter() - built}
+    clusters = (Library(str(run / "mbc")).get_clusters("mbc") or ({}, {}))[0]
+    write(args, budget, reports, summarise(reports), clusters, timings)
 
 
 if __name__ == "__main__":
