@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ def _h_all(x, a_stack, h):
     return h if h is not None else x @ a_stack.reshape(n_experts * rank, fan_in).T  # (t, E*R)
 
 
-def mixture_dense(x, weights, indices, a_stack, b_rows, h=None) -> torch.Tensor:
+def mixture_dense(x, weights, indices, a_stack, b_rows, h=None, index=None) -> torch.Tensor:
     """Every expert on every token; coefficients are zero outside each token's top-k."""
     n_experts, rank, _ = a_stack.shape
     t = x.shape[0]
@@ -48,7 +49,7 @@ def mixture_dense(x, weights, indices, a_stack, b_rows, h=None) -> torch.Tensor:
     return h.view(t, n_experts * rank) @ b_rows
 
 
-def mixture_dense_a(x, weights, indices, a_stack, b_rows, h=None) -> torch.Tensor:
+def mixture_dense_a(x, weights, indices, a_stack, b_rows, h=None, index=None) -> torch.Tensor:
     """A side dense (one GEMM), B side only for the chosen experts (a fused embedding_bag)."""
     n_experts, rank, _ = a_stack.shape
     t, k = indices.shape
@@ -57,7 +58,7 @@ def mixture_dense_a(x, weights, indices, a_stack, b_rows, h=None) -> torch.Tenso
     return _b_side(h, _rows(indices, rank), b_rows)
 
 
-def mixture_sparse(x, weights, indices, a_stack, b_rows, h=None) -> torch.Tensor:
+def mixture_sparse(x, weights, indices, a_stack, b_rows, h=None, index=None) -> torch.Tensor:
     """Only the chosen (token, expert) pairs, reading A and B in place (no copies).
 
     The A side, h[t, k, j] = A[indices[t, k], j] . x[t], is a gathered dot product: exactly
@@ -67,17 +68,15 @@ def mixture_sparse(x, weights, indices, a_stack, b_rows, h=None) -> torch.Tensor
     """
     t, k = indices.shape
     n_experts, rank, fan_in = a_stack.shape
-    rows = _rows(indices, rank)  # (t, k, R) rows of the (E*R, in) A matrix and of b_rows
+    index = index or sparse_index(t, k, rank, x.device)
+    rows = indices[..., None] * rank + index.rank_offsets  # (t, k, R): rows of A and b_rows
     if torch.is_grad_enabled() and (x.requires_grad or a_stack.requires_grad):
         # that kernel has no derivative: gather the rows when training through the mixture
         h = torch.einsum("ti,tkri->tkr", x, a_stack[indices]) * weights[..., None]
         return _b_side(h, rows, b_rows)
-    per_token = k * rank
-    bags = torch.arange(t * per_token, device=x.device) // per_token  # token of each row
-    offsets = torch.arange(0, t * per_token, per_token, device=x.device)
     h = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        x.contiguous(), a_stack.view(n_experts * rank, fan_in), rows.reshape(-1), offsets,
-        bags, 0, -1)
+        x.contiguous(), a_stack.view(n_experts * rank, fan_in), rows.reshape(-1), index.offsets,
+        index.bags, 0, -1)
     h = h.view(t, k, rank) * weights[..., None]  # (t, k, R)
     return _b_side(h, rows, b_rows)
 
@@ -87,6 +86,21 @@ def _b_side(h, rows, b_rows) -> torch.Tensor:
     t = h.shape[0]
     return nn.functional.embedding_bag(rows.reshape(t, -1), b_rows, mode="sum",
                                        per_sample_weights=h.reshape(t, -1))  # (t, out)
+
+
+class SparseIndex(NamedTuple):
+    """Index tensors `sparse` needs for t tokens with k experts of rank R (cacheable)."""
+
+    rank_offsets: torch.Tensor  # (R,) 0..R-1
+    bags: torch.Tensor  # (t*k*R,) the token of each gathered row
+    offsets: torch.Tensor  # (t,) where each token's rows start
+
+
+def sparse_index(t: int, k: int, rank: int, device) -> SparseIndex:
+    per_token = k * rank
+    return SparseIndex(torch.arange(rank, device=device),
+                       torch.arange(t * per_token, device=device) // per_token,
+                       torch.arange(0, t * per_token, per_token, device=device))
 
 
 def _rows(indices, rank) -> torch.Tensor:
@@ -188,6 +202,7 @@ class RoutedLinear(nn.Module):
         self.mixture = mixture
         self.name = name
         self._fused = fused
+        self._index_cache: dict[tuple, SparseIndex] = {}
 
     @property
     def in_features(self) -> int:
@@ -218,8 +233,19 @@ class RoutedLinear(nn.Module):
             strategy = self.mixture.choose(
                 flat.shape[0], self.a_stack, self.out_features, indices.shape[1], flat.dtype,
                 lambda: (flat, weights, indices, self.a_stack, self.b_rows))
-        mixture = MIXTURES[strategy](flat, weights, indices, self.a_stack, self.b_rows, h)
+        index = self._sparse_index(indices) if strategy == "sparse" else None
+        mixture = MIXTURES[strategy](flat, weights, indices, self.a_stack, self.b_rows, h, index)
         return self._add_base(flat, mixture).view(*x.shape[:-1], self.out_features)
+
+    def _sparse_index(self, indices: torch.Tensor) -> SparseIndex:
+        """The index tensors for this token count, made once (decoding repeats t each step)."""
+        key = (*indices.shape, indices.device)  # the device too: the model may move
+        if key not in self._index_cache:
+            if len(self._index_cache) >= 16:  # prefill lengths vary: keep the cache small
+                self._index_cache.clear()
+            t, k = indices.shape
+            self._index_cache[key] = sparse_index(t, k, self.a_stack.shape[1], indices.device)
+        return self._index_cache[key]
 
     def _add_base(self, flat: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
         """W x (+ bias) + mixture; for a plain nn.Linear in one GEMM that accumulates onto
