@@ -241,6 +241,8 @@ def eval_command(
     tasks_file: Path = typer.Option(None, help="file with one task name per line"),
     library: str = typer.Option(None, help="library folder or fsspec URL"),
     base: str = typer.Option(DEFAULT_MODEL, help="base model"),
+    dtype: str = typer.Option("auto", help="base weights: auto (bf16 on GPU, fp32 on CPU), "
+                                           "fp32 or bf16 (faster on CPUs with bf16 units)"),
     top_k: int = typer.Option(None, help="experts per token (default: the method's own)"),
     temperature: float = typer.Option(1.0, help="routing temperature"),
     allow_seen: bool = typer.Option(False, help="allow tasks the experts were trained on"),
@@ -260,7 +262,7 @@ def eval_command(
         raise QuiverError("no tasks: pass --task or --tasks-file")
     report = evaluate_method(method, names, library, base, config, allow_seen, top_k,
                              temperature, routing_plot=routing_plot, gate_steps=gate_steps,
-                             general=general or None)
+                             general=general or None, dtype=dtype)
     console.print(eval_table(report))
     if out:
         write_report(report, out)
@@ -380,10 +382,10 @@ def transfer(
 @app.command()
 def demo(
     library: str = typer.Option("demo-library", help="where to put the demo's library"),
-    steps: int = typer.Option(30, help="training steps per expert"),
+    steps: int = typer.Option(16, help="training steps per private expert (MBC: twice)"),
     fresh: bool = typer.Option(False, help="retrain experts that already exist"),
 ) -> None:
-    """Train a few experts on BIG-bench tasks with the real SmolLM2 model, show the library."""
+    """The whole story on SmolLM2: private library, MBC clusters, zero-shot comparison."""
     from quiver.demo import run_demo
 
     run_demo(library, steps, fresh, console)

@@ -1,62 +1,100 @@
-"""`quiver demo`: the main job on the embedded default, end to end, in a few minutes on a CPU.
+"""`quiver demo`: the whole story on the embedded default, on a CPU, in minutes.
 
-1. Train one small expert on each of a few BIG-bench tasks with the real
-   SmolLM2-135M-Instruct into a local library and print the library. Experts already in the
-   library are kept, so running it twice is quick (use `fresh` to retrain).
-2. Compare the base model, the uniform average of the experts and Arrow routing on a few
-   held-out BIG-bench tasks that no expert saw, and print the table.
+1. A private library: one small expert per BIG-bench training task (the real
+   SmolLM2-135M-Instruct), printed as a table.
+2. MBC: the private experts clustered by the similarity of their LoRA weights (heatmap
+   saved next to the library), then one expert per cluster trained on its tasks' pooled data.
+3. Zero-shot on held-out BIG-bench Lite tasks that no expert saw: the base model, the uniform
+   merge of the private experts, Arrow over the private library and Arrow over MBC.
+
+Everything already built is kept, so a second run only evaluates (use `fresh` to retrain).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import time
+from pathlib import Path
 
 from rich.console import Console
 
+from quiver.build import BuildConfig, build_library
+from quiver.errors import QuiverError
 from quiver.evaluation import EvalConfig
 from quiver.library import Library
 from quiver.models import DEFAULT_MODEL, load_base
-from quiver.recipes import evaluate_method, train_into_library
-from quiver.report import comparison_table, library_table
+from quiver.recipes import cluster_library, evaluate_method
+from quiver.report import (
+    build_table,
+    cluster_heatmap,
+    clusters_table,
+    comparison_table,
+    library_table,
+    task_labels,
+)
 from quiver.training import TrainConfig
+from quiver.transforms.mbc import MBCConfig
 
-# Training tasks outside BIG-bench Lite and Hard; held-out tasks from BIG-bench Lite.
-DEMO_TASKS = {
-    "social": "bigbench:social_iqa",
-    "timedial": "bigbench:timedial",
-    "wikidata": "bigbench:qa_wikidata",
-}
+# Training tasks outside BIG-bench Lite and Hard (two families: social/temporal reasoning
+# and facts/arithmetic); held-out tasks from BIG-bench Lite.
+DEMO_TASKS = ["bigbench:social_iqa", "bigbench:timedial", "bigbench:implicatures",
+              "bigbench:qa_wikidata", "bigbench:periodic_elements", "bigbench:unit_conversion"]
 HELD_OUT = ["bigbench:emoji_movie", "bigbench:strategyqa",
             "bigbench:vitaminc_fact_verification"]
-METHODS = ["base", "uniform", "arrow"]
+CLUSTERS = 2
 
 
 def run_demo(library_url: str, steps: int, fresh: bool, console: Console,
              eval_limit: int = 30) -> Library:
-    """Train the demo experts (skipping finished ones unless `fresh`) and print the library."""
+    """Build the demo's private and MBC libraries under `library_url`, then compare methods
+    on held-out tasks; prints tables and returns the private library."""
     started = time.perf_counter()
-    console.print(f"[bold]quiver demo[/]: {len(DEMO_TASKS)} experts on {DEFAULT_MODEL}, "
-                  f"{steps} steps each, into {library_url}")
-    model_and_tokenizer = load_base(DEFAULT_MODEL)
-    library = Library(library_url, create=True)
-    config = TrainConfig(steps=steps, batch_size=8, max_length=256, eval_every=max(1, steps // 3),
-                         eval_examples=64, lr=1e-3)
-    for name, task in DEMO_TASKS.items():
-        if name in library and not fresh:
-            console.print(f"  {name}: already in the library, kept")
-            continue
-        console.print(f"  {name}: training on {task}")
-        _, result = train_into_library([task], library_url, name, DEFAULT_MODEL, config,
-                                       overwrite=fresh, model_and_tokenizer=model_and_tokenizer)
-        console.print(f"  {name}: {result.tokens_per_second:,.0f} tokens/s, valid loss "
-                      f"{result.history[0]['valid_loss']:.3f} -> {result.best_valid_loss:.3f}")
-    console.print(library_table(library))
+    root = Path(library_url)
+    if fresh and root.exists():
+        shutil.rmtree(root)
+    private_url, mbc_url = str(root / "private"), str(root / "mbc")
+    console.print(f"[bold]quiver demo[/]: {len(DEMO_TASKS)} private experts on {DEFAULT_MODEL}, "
+                  f"{steps} steps each, then {CLUSTERS} MBC experts, under {library_url}")
+    config = TrainConfig(steps=steps, batch_size=4, max_length=256, lr=1e-3,
+                         eval_every=steps, eval_examples=32)
+    private = build_library(DEMO_TASKS, private_url, DEFAULT_MODEL, config,
+                            BuildConfig(strategy="private"))
+    _check(private)
+    console.print(build_table(private.outcomes, "private library"))
+    console.print(library_table(Library(private_url)))
+
+    clustering, tasks = cluster_library(private_url, MBCConfig(k=CLUSTERS))
+    labels = task_labels(tasks)
+    heatmap = root / "mbc-similarity.png"
+    cluster_heatmap(clustering, [labels[n] for n in clustering.names], heatmap)
+    console.print(clusters_table(clustering, tasks))
+    console.print(f"similarity heatmap: {heatmap}")
+    cluster_config = dataclasses.replace(config, steps=2 * steps)  # pooled data, more steps
+    mbc = build_library(DEMO_TASKS, mbc_url, DEFAULT_MODEL, cluster_config,
+                        BuildConfig(strategy="mbc", clusters=CLUSTERS), private_url=private_url)
+    _check(mbc)
+    console.print(build_table(mbc.outcomes, "MBC library"))
+
     console.print(f"zero-shot on {len(HELD_OUT)} held-out tasks ({eval_limit} test examples "
-                  "each): base vs uniform merge vs Arrow routing")
-    reports = [evaluate_method(method, HELD_OUT, library_url, DEFAULT_MODEL,
-                               EvalConfig(limit=eval_limit), top_k=2,
-                               model_and_tokenizer=model_and_tokenizer)
-               for method in METHODS]
+                  "each)")
+    model_and_tokenizer = load_base(DEFAULT_MODEL)
+    private_names = [o.name for o in private.outcomes]
+    runs = [("base", "base", None, None), ("uniform merge", "uniform", private_url, private_names),
+            ("Arrow private", "arrow", private_url, private_names),
+            ("Arrow MBC", "arrow", mbc_url, [o.name for o in mbc.outcomes])]
+    reports = []
+    for label, method, url, experts in runs:
+        report = evaluate_method(method, HELD_OUT, url, DEFAULT_MODEL,
+                                 EvalConfig(limit=eval_limit), top_k=2, experts=experts,
+                                 model_and_tokenizer=model_and_tokenizer)
+        reports.append({**report, "label": label})
     console.print(comparison_table(reports, "accuracy"))
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
-    return library
+    return Library(private_url)
+
+
+def _check(report) -> None:
+    if report.failed:
+        raise QuiverError("demo trainings failed: " + "; ".join(
+            f"{o.name}: {o.error}" for o in report.failed))

@@ -100,6 +100,7 @@ def evaluate_method(
     routing_plot=None,
     gate_steps: int = 100,
     general: list[str] | None = None,
+    dtype: str = "auto",
 ) -> dict:
     """Evaluate a base model, one expert, or a routed library on tasks; returns the report.
 
@@ -125,7 +126,7 @@ def evaluate_method(
         names = [n for n in names if n not in set(general)]
     if method != "oracle" and not allow_seen:
         _check_zero_shot(library, names + list(general or []), [t.name for t in tasks])
-    model, tokenizer = model_and_tokenizer or load_base(base)
+    model, tokenizer = model_and_tokenizer or load_base(base, dtype=dtype)
     before_task = None
     if method.startswith("expert:"):
         reuse(model, library, method="uniform", experts=names)

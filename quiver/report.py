@@ -84,7 +84,8 @@ def write_report(report: dict, path: Path) -> None:
 
 def comparison_table(reports: list[dict], metric: str) -> Table:
     """One row per task, one column per method: `metric` of each (and the average)."""
-    table = Table("task", *[r["method"] for r in reports], title=f"{metric} (%)")
+    table = Table("task", *[r.get("label", r["method"]) for r in reports],
+                  title=f"{metric} (%)")
     for task in reports[0]["tasks"]:
         table.add_row(task.removeprefix("bigbench:"),
                       *[f"{r['tasks'][task].get(metric, float('nan')):.1f}" for r in reports])

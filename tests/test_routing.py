@@ -113,6 +113,33 @@ def test_arrow_matches_peft_create_arrow_model(tiny, tmp_path, top_k, temperatur
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["sparse", "dense"])
+def test_sibling_layers_share_one_pass_over_their_input(tiny, tmp_path, strategy):
+    model, tokenizer = tiny
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+    library = new_library(tmp_path / "lib", model)
+    for i, folder in enumerate(_synthetic_peft_folders(model, tmp_path, 5, targets=targets)):
+        library.import_peft(str(folder), f"e{i}")
+    ids = tokenizer("The capital of France", return_tensors="pt").input_ids
+    routed = quiver.reuse(model, library, method="arrow", top_k=2, mixture=strategy)
+    try:
+        layers = routed.quiver_routing.layers
+        groups = {id(layer._shared[0]): layer._shared[0] for layer in layers}
+        attention = [layer for layer in layers if ".self_attn." in layer.name][:4]
+        assert len({id(layer._shared[0]) for layer in attention[:3]}) == 1  # q, k, v
+        assert attention[3]._shared[0] is not attention[0]._shared[0]  # o_proj alone
+        with torch.no_grad():
+            shared = routed(ids).logits
+            assert all(group.passes == 1 for group in groups.values())
+            assert len(groups) == 3 * 2  # per block: q/k/v, o, gate/up
+            for layer in layers:
+                layer._shared = None  # every layer on its own
+            alone = routed(ids).logits
+    finally:
+        detach_experts(model)
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
+
+
 def test_uniform_routing_equals_the_folded_average_update(tiny, tiny_library):
     model, tokenizer = tiny
     ids = tokenizer("Repeat: river 5\nAnswer:", return_tensors="pt").input_ids

@@ -186,12 +186,13 @@ class RoutedLinear(nn.Module):
         context: the routed model's shared state: its router, which maps (x (t, in), keys)
             to (weights (t, k), local indices (t, k)), forced routes and routing counts.
         mixture: a `MixtureStrategy`.
-        fused: (E + E*R, in), keys and A in one matrix of which `keys` and `a_stack` are
-            views, so routing and the dense A side can share a GEMM; None without keys.
+        shared: (`SharedInput`, this layer's position in it) when the layer has keys: the
+            buffer its keys and A are views of, shared with the layers that read the same
+            input, so routing (and the dense A side) of all of them is one GEMM.
     """
 
     def __init__(self, base: nn.Linear, a_stack, b_rows, keys, expert_ids, context,
-                 mixture: MixtureStrategy, name: str, fused=None) -> None:
+                 mixture: MixtureStrategy, name: str, shared=None) -> None:
         super().__init__()
         self.base = base
         self.register_buffer("a_stack", a_stack, persistent=False)
@@ -201,7 +202,7 @@ class RoutedLinear(nn.Module):
         self.context = context
         self.mixture = mixture
         self.name = name
-        self._fused = fused
+        self._shared = shared
         self._index_cache: dict[tuple, SparseIndex] = {}
 
     @property
@@ -222,9 +223,9 @@ class RoutedLinear(nn.Module):
         strategy = self.mixture.known(flat.shape[0], self.a_stack, self.out_features,
                                       self.context.top_k(n_experts), flat.dtype)
         h = None
-        if strategy in DENSE_A and self._can_fuse():  # routing and x @ A^T in one GEMM
-            both = flat @ self._fused.T  # (t, E + E*R)
-            projections, h = both[:, :n_experts], both[:, n_experts:]
+        if self._can_share():  # one GEMM with the siblings (and x @ A^T for dense mixtures)
+            group, member = self._shared
+            projections, h = group.project(member, x, flat, with_a=strategy in DENSE_A)
             weights, indices = self.context.route(self, flat, projections)
         else:
             weights, indices = self.context.route(self, flat)  # (t, k), (t, k)
@@ -256,11 +257,13 @@ class RoutedLinear(nn.Module):
             mixture += self.base.bias
         return torch.addmm(mixture, flat, self.base.weight.T)
 
-    def _can_fuse(self) -> bool:
-        """True while `keys` is still the view into `_fused` (PHATGOOSE training replaces
-        them) and the router scores tokens from x @ keys^T."""
-        return (self._fused is not None and self.keys.data_ptr() == self._fused.data_ptr()
-                and self.context.forced is None
+    def _can_share(self) -> bool:
+        """True while `keys` is still the view into the shared buffer (PHATGOOSE training
+        replaces them) and the router scores tokens from x @ keys^T."""
+        if self._shared is None or self.context.forced is not None:
+            return False
+        group, member = self._shared
+        return (self.keys.data_ptr() == group.keys(member).data_ptr()
                 and getattr(self.context.router, "takes_projections", False))
 
     def extra_repr(self) -> str:

@@ -18,6 +18,7 @@ from torch import nn
 from quiver.errors import QuiverError
 from quiver.library import Expert
 from quiver.routing.layer import MixtureStrategy, RoutedLinear
+from quiver.routing.shared import SharedInput, sibling_groups
 from quiver.routing.uniform import UniformRouter
 
 
@@ -94,8 +95,11 @@ def attach_experts(
     mixture = mixture or MixtureStrategy()
     context = RoutingContext(router=router, expert_names=[e.name for e in experts])
     plan = _modules_per_expert(model, experts)
-    stacks = {module: _Stack(model.get_submodule(module), len(members),
-                             max(_rank(experts[i], module) for i in members), keys is not None)
+    ranks = {module: max(_rank(experts[i], module) for i in members)
+             for module, members in plan.items()}
+    shared = _shared_inputs(model, plan, ranks) if keys is not None else {}
+    stacks = {module: _Stack(model.get_submodule(module), len(members), ranks[module],
+                             shared.get(module))
               for module, members in plan.items()}
     for index, expert in enumerate(experts):  # one expert's weights in memory at a time
         factors = expert.lora_factors()
@@ -115,12 +119,12 @@ def attach_experts(
         base = model.get_submodule(module)
         stack = stacks.pop(module)
         b_rows = stack.b.reshape(-1, base.out_features)  # (E*R, out), a view
-        layer_keys, fused = stack.keys, stack.fused
+        layer_keys = stack.keys
         if layer_keys is None:  # routers without keys only need the expert count
             layer_keys = stack.a.new_zeros(len(members), 0)
         layer = RoutedLinear(base, stack.a, b_rows, layer_keys,
                              torch.tensor(members, device=base.weight.device), context,
-                             mixture, module, fused)
+                             mixture, module, shared.get(module))
         local_index = torch.full((len(experts),), -1, dtype=torch.long)
         local_index[members] = torch.arange(len(members))
         layer.register_buffer("local_index", local_index.to(base.weight.device), persistent=False)
@@ -167,21 +171,40 @@ def _rank(expert: Expert, module: str) -> int:
     return max(matches) if matches else int(config.get("r") or 1)
 
 
+def _shared_inputs(model: nn.Module, plan: dict[str, list[int]],
+                   ranks: dict[str, int]) -> dict[str, tuple[SharedInput, int]]:
+    """`{module: (its SharedInput, its position in it)}`: sibling layers that read the
+    same input share one buffer of keys and A matrices (`quiver.routing.shared`)."""
+    result = {}
+    for group in sibling_groups(list(plan)):
+        fan_in = {model.get_submodule(m).in_features for m in group}
+        members = [[m] for m in group] if len(fan_in) > 1 else [group]  # same input size
+        for names in members:
+            sizes = [(len(plan[m]), ranks[m]) for m in names]
+            like = model.get_submodule(names[0]).weight
+            buffer = like.new_zeros(sum(e * (1 + r) for e, r in sizes), like.shape[1])
+            shared = SharedInput(buffer, sizes)
+            result.update({m: (shared, i) for i, m in enumerate(names)})
+    return result
+
+
 class _Stack:
     """The stacked factors of one layer.
 
-    With router keys, keys and A live in one (E + E*R, in) matrix, `fused`, of which `keys`
-    (E, in) and `a` (E, R, in) are views, so a layer can compute routing and x @ A^T in one
-    GEMM; allocating it up front (ranks come from the adapter configs) avoids a second copy.
+    With router keys, keys and A are views into the layer's `SharedInput` buffer (allocated
+    up front, ranks coming from the adapter configs, so nothing is copied twice).
     """
 
-    def __init__(self, base: nn.Linear, count: int, rank: int, with_keys: bool) -> None:
+    def __init__(self, base: nn.Linear, count: int, rank: int,
+                 shared: tuple[SharedInput, int] | None) -> None:
         like, fan_in = base.weight, base.in_features
         self.base, self.count = base, count
-        self.fused = like.new_zeros(count * (1 + rank), fan_in) if with_keys else None
-        self.keys = self.fused[:count] if with_keys else None  # (E, in)
-        self.a = (self.fused[count:].view(count, rank, fan_in) if with_keys
-                  else like.new_zeros(count, rank, fan_in))  # (E, R, in)
+        if shared is not None:
+            group, member = shared
+            self.keys = group.keys(member)  # (E, in)
+            self.a = group.a_stack(member, rank)  # (E, R, in)
+        else:
+            self.keys, self.a = None, like.new_zeros(count, rank, fan_in)
         self.b = like.new_zeros(count, rank, base.out_features)  # (E, R, out): s * B^T
 
     def fill(self, slot: int, factors, module: str, expert: Expert) -> None:
