@@ -10,7 +10,7 @@ from quiver.data.batching import split_trailing_space
 from quiver.errors import QuiverError
 from quiver.evaluation import EvalConfig, evaluate, generate_answers, score_choices
 from quiver.evaluation.metrics import exact_match, rouge_l
-from quiver.evaluation.scoring import postprocess
+from quiver.evaluation.scoring import postprocess, score_choices_batch
 
 
 def _bigbench_function(relative: str, name: str, namespace: dict):
@@ -40,6 +40,24 @@ def test_choice_scores_equal_full_sequence_log_probs(tiny):
         assert got == pytest.approx(_brute_force_log_prob(model, tokenizer, example.prompt,
                                                           option), abs=1e-3)
     assert scores.n_tokens[2] > scores.n_tokens[0]
+
+
+def test_batched_choice_scores_equal_full_sequence_log_probs(tiny):
+    """Several examples at once (left-padded prompts of different lengths, options of
+    different counts and lengths) give every example's own log-probabilities."""
+    model, tokenizer = tiny
+    examples = [
+        Example("Q: Is the sky blue?\nA: ", "yes", options=("yes", "no"), answer=0),
+        Example("A much longer question about rivers, stones and clouds, asked twice?\nA:",
+                "x", options=(" a river", " stone", " the clouds above us all"), answer=2),
+        Example("2+2=", "4", options=("4", "5", "22", "four"), answer=0),
+    ]
+    batched = score_choices_batch(model, tokenizer, examples)
+    for example, scores in zip(examples, batched, strict=True):
+        for option, got in zip(example.options, scores.log_probs, strict=True):
+            assert got == pytest.approx(_brute_force_log_prob(model, tokenizer, example.prompt,
+                                                              option), abs=1e-3)
+        assert scores.n_tokens == score_choices(model, tokenizer, example).n_tokens
 
 
 def test_postprocess_matches_bigbench():

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from quiver.data.task import SplitConfig, Task
 from quiver.errors import QuiverError
 from quiver.evaluation.metrics import exact_match, mean, rouge_l
-from quiver.evaluation.scoring import generate_answers, score_choices
+from quiver.evaluation.scoring import generate_answers, score_choices_batch
 from quiver.progress import counting_progress
 
 
@@ -20,7 +20,7 @@ class EvalConfig:
 
     split: str = field(default="test", metadata={"help": "train, valid or test"})
     limit: int = field(default=0, metadata={"help": "examples per task, at most (0: all)"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per batch"})
     max_new_tokens: int = field(default=32, metadata={"help": "generation length, at most"})
 
     def __post_init__(self) -> None:
@@ -54,7 +54,7 @@ def evaluate(
                 before_task(task)
             examples = selected[task.name]
             if task.kind == "mc":
-                results[task.name] = _multiple_choice(model, tokenizer, examples)
+                results[task.name] = _multiple_choice(model, tokenizer, examples, config)
             else:
                 results[task.name] = _generative(model, tokenizer, task, examples, config)
             done += len(examples)
@@ -71,14 +71,30 @@ def _examples(task: Task, config: EvalConfig) -> list:
     return examples
 
 
-def _multiple_choice(model, tokenizer, examples) -> dict:
-    hits, hits_norm = [], []
-    for example in examples:
-        scores = score_choices(model, tokenizer, example)
-        hits.append(float(scores.prediction(normalise=False) == example.answer))
-        hits_norm.append(float(scores.prediction(normalise=True) == example.answer))
+def _multiple_choice(model, tokenizer, examples, config: EvalConfig) -> dict:
+    hits, hits_norm = [0.0] * len(examples), [0.0] * len(examples)
+    for batch in _choice_batches(examples, config.batch_size):
+        scores = score_choices_batch(model, tokenizer, [examples[i] for i in batch])
+        for i, score in zip(batch, scores, strict=True):
+            hits[i] = float(score.prediction(normalise=False) == examples[i].answer)
+            hits_norm[i] = float(score.prediction(normalise=True) == examples[i].answer)
     return {"accuracy": 100 * mean(hits), "accuracy_norm": 100 * mean(hits_norm),
             "examples": len(examples), "per_example": {"accuracy": hits}}
+
+
+def _choice_batches(examples, batch_size: int, max_rows: int = 32) -> list[list[int]]:
+    """Indices of examples in batches of similar prompt length (little padding), at most
+    `batch_size` examples and `max_rows` options per batch (bounds the logits' memory)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+    batches, current, rows = [], [], 0
+    for i in order:
+        n = len(examples[i].options)
+        if current and (len(current) == batch_size or rows + n > max_rows):
+            batches.append(current)
+            current, rows = [], 0
+        current.append(i)
+        rows += n
+    return batches + [current] if current else batches
 
 
 def _generative(model, tokenizer, task, examples, config: EvalConfig) -> dict:

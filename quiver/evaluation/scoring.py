@@ -4,7 +4,8 @@ Multiple choice (as in the paper and BIG-bench): the log-probability of each opt
 prompt; the prediction is the option with the highest total log-probability (`accuracy`) or
 the highest mean log-probability per token (`accuracy_norm`, length-normalised). The prompt
 is run once per example and its KV cache is shared by all the options, which are scored
-together in one right-padded batch.
+together in one right-padded batch; `score_choices_batch` does several examples at once
+(prompts left-padded), which is how the harness calls it.
 
 Generation: greedy decoding in left-padded batches, then BIG-bench's post-processing (cut
 after `stop_string`, keep the first match of `output_regex`; its default regex keeps the text
@@ -38,41 +39,63 @@ class ChoiceScores:
         return max(range(len(values)), key=values.__getitem__)
 
 
-@torch.no_grad()
 def score_choices(model, tokenizer: PreTrainedTokenizerBase, example: Example) -> ChoiceScores:
     """Log-probability of each option of `example` (prompt scored once, options batched)."""
+    return score_choices_batch(model, tokenizer, [example])[0]
+
+
+@torch.no_grad()
+def score_choices_batch(model, tokenizer: PreTrainedTokenizerBase,
+                        examples: list[Example]) -> list[ChoiceScores]:
+    """`score_choices` for several examples at once: the prompts in one left-padded batch,
+    then every option of every example in one right-padded batch on the prompts' KV cache."""
     device = next(model.parameters()).device
-    prompt, _ = split_trailing_space(example.prompt, "")
-    trailing = example.prompt[len(prompt) :]
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [
-        tokenizer.bos_token_id or tokenizer.eos_token_id
-    ]
-    options = [tokenizer(trailing + o, add_special_tokens=False)["input_ids"] or
-               [tokenizer.eos_token_id] for o in example.options]
-    prompt_tensor = torch.tensor([prompt_ids], device=device)  # (1, P)
-    out = model(input_ids=prompt_tensor, use_cache=True)
-    first = torch.log_softmax(out.logits[0, -1].float(), -1)  # (vocab,) predicts option token 0
-    n_options, width = len(options), max(len(o) for o in options)
-    option_ids = torch.full((n_options, width), tokenizer.pad_token_id, device=device)
-    option_mask = torch.zeros((n_options, width), dtype=torch.long, device=device)
-    for row, ids in enumerate(options):
+    pad = tokenizer.pad_token_id
+    prompts, options = [], []  # token ids per example; per example, per option
+    for example in examples:
+        prompt, _ = split_trailing_space(example.prompt, "")
+        trailing = example.prompt[len(prompt) :]
+        prompts.append(tokenizer(prompt, add_special_tokens=False)["input_ids"] or
+                       [tokenizer.bos_token_id or tokenizer.eos_token_id])
+        options.append([tokenizer(trailing + o, add_special_tokens=False)["input_ids"] or
+                        [tokenizer.eos_token_id] for o in example.options])
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.full((len(examples), width), pad, device=device)  # left-padded
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for row, ids in enumerate(prompts):
+        prompt_ids[row, width - len(ids) :] = torch.tensor(ids)
+        prompt_mask[row, width - len(ids) :] = 1
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)  # (B, vocab): option token 0
+
+    owner = [b for b, opts in enumerate(options) for _ in opts]  # example of each option row
+    flat = [ids for opts in options for ids in opts]
+    option_width = max(len(ids) for ids in flat)
+    option_ids = torch.full((len(flat), option_width), pad, device=device)  # right-padded
+    option_mask = torch.zeros_like(option_ids)
+    for row, ids in enumerate(flat):
         option_ids[row, : len(ids)] = torch.tensor(ids)
         option_mask[row, : len(ids)] = 1
+    owner_index = torch.tensor(owner, device=device)
     cache = out.past_key_values
-    cache.batch_repeat_interleave(n_options)
-    attention = torch.cat([option_mask.new_ones(n_options, len(prompt_ids)), option_mask], 1)
-    positions = torch.arange(len(prompt_ids), len(prompt_ids) + width, device=device)
-    logits = model(input_ids=option_ids, attention_mask=attention, past_key_values=cache,
-                   position_ids=positions.expand(n_options, width)).logits  # (O, W, vocab)
-    log_probs = torch.log_softmax(logits.float(), -1)
-    totals = []
-    for row, ids in enumerate(options):
-        total = first[ids[0]].item()
-        if len(ids) > 1:
-            targets = torch.tensor(ids[1:], device=device)
-            total += log_probs[row, : len(ids) - 1].gather(1, targets[:, None]).sum().item()
-        totals.append(total)
-    return ChoiceScores(totals, [len(o) for o in options])
+    cache.reorder_cache(owner_index)  # each option row gets its example's prompt cache
+    lengths = torch.tensor([len(p) for p in prompts], device=device)[owner_index]
+    positions = lengths[:, None] + torch.arange(option_width, device=device)
+    logits = model(input_ids=option_ids, past_key_values=cache, position_ids=positions,
+                   attention_mask=torch.cat([prompt_mask[owner_index], option_mask], 1)).logits
+    # log p(token j+1) = logit - logsumexp, without a (rows, W, vocab) log-softmax copy
+    logits = logits.float()
+    following = option_ids[:, 1:].clamp(min=0)  # (rows, W-1) the next token of each position
+    picked = logits[:, :-1].gather(2, following[..., None])[..., 0] - logits[:, :-1].logsumexp(-1)
+    picked = (picked * option_mask[:, 1:]).sum(1)  # (rows,) sum over each option's tokens
+    totals = [first[owner[row], ids[0]].item() + picked[row].item()
+              for row, ids in enumerate(flat)]
+    scores, start = [], 0
+    for opts in options:
+        scores.append(ChoiceScores(totals[start : start + len(opts)], [len(o) for o in opts]))
+        start += len(opts)
+    return scores
 
 
 @torch.no_grad()
