@@ -1,0 +1,89 @@
+"""Evaluation harness speed: multiple-choice scoring one example at a time vs batched.
+
+Scores the first `--tasks` held-out BIG-bench Lite multiple-choice tasks of
+`benchmarks/zero_shot.py` (at most `--limit` test examples each) with the real
+SmolLM2-135M-Instruct, routed with `--method` over `--library` (or the bare model), twice in
+the same process: `batch_size=1` (every example alone: the prompt once, its options batched)
+and `batch_size=8` (several examples' prompts in one left-padded batch, all their options in
+one batch). Both must give the same accuracy; the ratio of their times is the speed-up.
+
+Usage: .venv/bin/python benchmarks/eval_speed.py [--library demo-library/private]
+       [--method arrow] [--tasks 10] [--limit 200]
+Writes benchmarks/results/eval_speed_<method>_<limit>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import cpu_name  # noqa: E402
+from zero_shot import HELD_OUT  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--library", default=None)
+    parser.add_argument("--method", default="base")
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    args = parser.parse_args()
+
+    from quiver.evaluation import EvalConfig
+    from quiver.models import load_base
+    from quiver.recipes import evaluate_method
+
+    model_and_tokenizer = load_base("smollm2-135m", device="cpu")
+    tasks = HELD_OUT[: args.tasks]
+    rows = []
+    for batch_size in args.batch_sizes:
+        started = time.perf_counter()
+        report = evaluate_method(args.method, tasks, args.library, "smollm2-135m",
+                                 EvalConfig(limit=args.limit, batch_size=batch_size),
+                                 model_and_tokenizer=model_and_tokenizer)
+        seconds = time.perf_counter() - started
+        examples = sum(r["examples"] for r in report["tasks"].values())
+        rows.append({"batch_size": batch_size, "seconds": round(seconds, 1),
+                     "examples": examples, "accuracy": round(report["average"]["accuracy"], 2),
+                     "experts": len(report["experts"])})
+        print(rows[-1], flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    command = "python benchmarks/eval_speed.py " + " ".join(sys.argv[1:])
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"eval_speed_{args.method.replace(':', '-')}_{args.limit}"
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"command": command, "commit": commit, "machine": machine, "tasks": tasks,
+         "method": args.method, "rows": rows}, indent=1))
+    lines = [
+        "# Evaluation harness speed (CPU)", "",
+        f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}.",
+        f"SmolLM2-135M-Instruct fp32, method `{args.method}` ({rows[0]['experts']} experts), "
+        f"{len(tasks)} BIG-bench Lite multiple-choice tasks, at most {args.limit} test "
+        "examples each.", "",
+        "| examples per batch | examples | minutes | seconds per example | accuracy |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['batch_size']} | {r['examples']} | {r['seconds'] / 60:.1f} | "
+                     f"{r['seconds'] / r['examples']:.3f} | {r['accuracy']} |")
+    if len(rows) > 1:
+        lines.append(f"\nSpeed-up from batching examples: "
+                     f"{rows[0]['seconds'] / rows[-1]['seconds']:.2f}x.")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
