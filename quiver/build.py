@@ -26,7 +26,7 @@ from quiver.config import from_dict, to_dict
 from quiver.data import load_task
 from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo, Library
-from quiver.library.store import _check_name
+from quiver.library.store import check_name
 from quiver.recipes import train_into_library
 from quiver.training import TrainConfig
 
@@ -205,7 +205,7 @@ def check_jobs(jobs: list[Job], library_url: str) -> None:
     """
     names = [job.name for job in jobs]
     for name in names:
-        _check_name(name)  # before training, not at the add after it
+        check_name(name)  # before training, not at the add after it
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise QuiverError(f"several experts would be named {twice}")

@@ -70,7 +70,7 @@ def test_expert_names_are_short_valid_library_names():
     assert expert_name("hf:/data/flan/") == "flan"
     for task in ("bigbench:arithmetic/1_digit_addition", "jsonl:/x/.hidden.jsonl",
                  "jsonl:/x/é.jsonl"):
-        store._check_name(expert_name(task))
+        store.check_name(expert_name(task))
 
 
 def test_two_tasks_that_would_share_an_expert_name_are_refused(tmp_path):

@@ -145,7 +145,7 @@ class Library:
             QuiverError: bad name, existing name (unless `overwrite`), an adapter that does
                 not fit the library's base model, or an expert for another base model.
         """
-        _check_name(expert.name)
+        check_name(expert.name)
         base = self.base
         if base is None:
             raise QuiverError("the library has no base model yet: call ensure_base first")
@@ -192,7 +192,7 @@ class Library:
         Raises:
             QuiverError: no expert `old`, a bad new name, or an expert `new` already exists.
         """
-        _check_name(new)
+        check_name(new)
         folder = self._expert_folder(old)
         if new in self:
             raise QuiverError(f"an expert named {new!r} already exists in {self.url}")
@@ -315,7 +315,7 @@ class Library:
         Raises:
             QuiverError: a bad name, or `clusters` that is not a dict of name lists.
         """
-        _check_name(name, "clustering")
+        check_name(name, "clustering")
         if not isinstance(clusters, dict) or not all(
             isinstance(c, str) and c and isinstance(m, list | tuple)
             and all(isinstance(x, str) for x in m)
@@ -337,7 +337,7 @@ class Library:
         Raises:
             QuiverError: a bad name, or a corrupt record.
         """
-        _check_name(name, "clustering")
+        check_name(name, "clustering")
         path = self._path("clusters", f"{name}.json")
         if not self.fs.exists(path):
             return None
@@ -356,7 +356,7 @@ class Library:
     # ------------------------------------------------------------- run state
     def run_state(self, name: str) -> RunState:
         """Where a training run of expert `name` keeps its resumable state."""
-        _check_name(name)
+        check_name(name)
         return RunState(self, self._path("runs", name))
 
     # ---------------------------------------------------------------- helpers
@@ -457,7 +457,7 @@ class RunState:
             fs.rm(self._folder, recursive=True)
 
 
-def _check_name(name: str, what: str = "expert") -> None:
+def check_name(name: str, what: str = "expert") -> None:
     if not _NAME.match(name or ""):
         raise QuiverError(
             f"bad {what} name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)"
