@@ -43,9 +43,12 @@ def train_into_library(
     model, tokenizer = model_and_tokenizer or load_base(base, dtype=dtype)
     library = existing or Library(library_url, create=True)
     library.ensure_base(base, fingerprint(model), linear_module_shapes(model))
-    expert, result = train_expert(model, tokenizer, tasks, name, config,
-                                  run_state=library.run_state(name), show_progress=show_progress)
-    return library.add(expert, overwrite=overwrite), result
+    run_state = library.run_state(name)
+    expert, result = train_expert(model, tokenizer, tasks, name, config, run_state=run_state,
+                                  show_progress=show_progress)
+    added = library.add(expert, overwrite=overwrite)
+    run_state.clear()  # only now: a failed add can be retried from the finished run
+    return added, result
 
 
 def available_tasks(

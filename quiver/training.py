@@ -124,6 +124,7 @@ def train_expert(
     Args:
         run_state: where to save resumable state (`Library.run_state(name)`); a run found
             there with the same config and tasks resumes, one with another config is an error.
+            The caller clears it once the expert is safely stored.
 
     Raises:
         QuiverError: a task with no training examples, target modules the model lacks, or a
@@ -182,8 +183,6 @@ def train_expert(
         metrics={"best_valid_loss": state.best_loss, "best_step": state.best_step},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    if run_state is not None:
-        run_state.clear()
     result = TrainResult(
         steps, state.tokens, state.seconds, state.best_step, state.best_loss, state.history
     )

@@ -177,10 +177,12 @@ def test_a_failing_training_is_retried_once_then_reported_and_never_half_written
     assert report.failed == [outcome["upper"]]
     assert Library(lib).names() == ["copy", "reverse"]
     assert not os.path.exists(os.path.join(lib, "experts", "upper")) and not leftovers(lib)
+    assert Library(lib).run_state("upper").read() is not None  # the retry resumes from it
 
     monkeypatch.setattr(store, "_write_synced", real_write)  # the disk has room again
     report = build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(), show_progress=False)
     assert [o.status for o in report.outcomes] == ["skipped", "trained", "skipped"]
+    assert Library(lib).run_state("upper").read() is None  # cleared once stored
 
 
 # ------------------------------------------------------------------------- validation
