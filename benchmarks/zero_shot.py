@@ -122,6 +122,19 @@ def methods(names: dict[str, list[str]]) -> list[dict]:
     ]
 
 
+def probes(names: dict[str, list[str]]) -> list[dict]:
+    """Arrow's settings varied, to see why it wins or loses: fewer or all experts per token,
+    a flatter softmax over the chosen ones."""
+    specs = []
+    for library in ("private", "mbc"):
+        every = len(names[library])
+        for top_k, temperature in ((1, 1.0), (2, 1.0), (every, 1.0), (4, 10.0)):
+            specs.append({"label": f"Arrow {library} k={top_k} T={temperature:g}",
+                          "method": "arrow", "library": library, "experts": names[library],
+                          "top_k": top_k, "temperature": temperature})
+    return specs
+
+
 def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, list[str]]:
     """Train (or find) the four libraries and the two merges; returns each one's experts."""
     from quiver.build import BuildConfig, build_library
@@ -164,14 +177,14 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
     return names
 
 
-def evaluate_all(run: Path, budget: dict, names, model_and_tokenizer) -> list[dict]:
+def evaluate_all(run: Path, budget: dict, specs: list[dict], model_and_tokenizer) -> list[dict]:
     """Every method's report (cached in the run folder as it finishes)."""
     from quiver.evaluation import EvalConfig
     from quiver.recipes import evaluate_method
 
     held_out = HELD_OUT[: budget["held_out"]]
     reports = []
-    for spec in methods(names):
+    for spec in specs:
         cache = run / "eval" / (spec["label"].replace(" ", "-") + ".json")
         if cache.exists():
             reports.append(json.loads(cache.read_text()))
@@ -184,6 +197,8 @@ def evaluate_all(run: Path, budget: dict, names, model_and_tokenizer) -> list[di
         cache.parent.mkdir(parents=True, exist_ok=True)
         report = evaluate_method(spec["method"], held_out, library, "smollm2-135m",
                                  EvalConfig(limit=budget["limit"]), experts=spec["experts"],
+                                 top_k=spec.get("top_k"),
+                                 temperature=spec.get("temperature", 1.0),
                                  model_and_tokenizer=model_and_tokenizer,
                                  gate_steps=budget["gate_steps"],
                                  routing_plot=plot if routed else None)
@@ -244,7 +259,7 @@ def summarise(reports: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------- output
-def write(args, budget, reports, summary, clusters, timings) -> None:
+def write(args, budget, reports, summary, clusters, timings, extra=()) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
@@ -288,10 +303,37 @@ def write(args, budget, reports, summary, clusters, timings) -> None:
     for other, d in summary["paired"].items():
         lines.append(f"| {other} | {d['difference']:+.1f} | {d['ci'][0]:+.1f} to "
                      f"{d['ci'][1]:+.1f} |")
+    if extra:
+        lines += ["", "Arrow probes (the same held-out examples; k experts per token, softmax "
+                  "temperature T):", "", "| setting | average | " + " | ".join(
+                      t.removeprefix("bigbench:") for t in tasks) + " |",
+                  "|---|---:|" + "---:|" * len(tasks)]
+        for r in extra:
+            lines.append(f"| {r['label']} | {r['average']['accuracy']:.1f} | " + " | ".join(
+                f"{r['tasks'][t]['accuracy']:.1f}" for t in tasks) + " |")
+    routing = routing_concentration(reports)
+    if routing:
+        lines += ["", "How concentrated Arrow's choices are (share of all choices that went "
+                  "to each layer's most chosen expert, averaged over layers; 1/E if "
+                  "uniform):", "", "| method | experts | top expert's share | 1/E |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {label} | {n} | {share:.2f} | {1 / n:.2f} |"
+                  for label, (n, share) in routing.items()]
     lines += ["", "MBC clusters:", ""]
     lines += [f"- {name}: {', '.join(members)}" for name, members in clusters.items()]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def routing_concentration(reports: list[dict]) -> dict[str, tuple[int, float]]:
+    """Per routed method: (experts, mean over layers of the top expert's share of choices)."""
+    result = {}
+    for r in reports:
+        layers = [counts for counts in r.get("routing", {}).values() if sum(counts)]
+        if layers:
+            shares = [max(counts) / sum(counts) for counts in layers]
+            result[r["label"]] = (len(r["experts"]), sum(shares) / len(shares))
+    return result
 
 
 def _plot(summary: dict, path: Path, budget: str) -> None:
@@ -322,6 +364,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
     parser.add_argument("--run", help="run folder (default runs/zero-shot-<budget>)")
+    parser.add_argument("--probes", action="store_true",
+                        help="also evaluate Arrow with other top-k and temperatures")
     args = parser.parse_args()
     budget = BUDGETS[args.budget]
     run = Path(args.run or f"runs/zero-shot-{args.budget}").absolute()
@@ -333,10 +377,11 @@ def main() -> None:
     started = time.perf_counter()
     names = build_libraries(run, budget, model_and_tokenizer)
     built = time.perf_counter()
-    reports = evaluate_all(run, budget, names, model_and_tokenizer)
+    reports = evaluate_all(run, budget, methods(names), model_and_tokenizer)
     timings = {"build": built - started, "evaluate": time.perf_counter() - built}
+    extra = evaluate_all(run, budget, probes(names), model_and_tokenizer) if args.probes else []
     clusters = (Library(str(run / "mbc")).get_clusters("mbc") or ({}, {}))[0]
-    write(args, budget, reports, summarise(reports), clusters, timings)
+    write(args, budget, reports, summarise(reports), clusters, timings, extra)
 
 
 if __name__ == "__main__":
