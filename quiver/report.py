@@ -150,7 +150,12 @@ def cluster_heatmap(clustering, labels: list[str] | None, path: Path) -> None:
     matrix = clustering.similarity[np.ix_(order, order)]  # (E, E), grouped by cluster
     size = min(30, 3 + 0.25 * len(order))
     figure, axis = plt.subplots(figsize=(size + 1.5, size))
-    image = axis.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    # The colour range spans the off-diagonal values: experts trained from one initialisation
+    # can all be 0.95+ similar, and a fixed -1..1 scale would paint them one colour.
+    off_diagonal = matrix[~np.eye(len(order), dtype=bool)]
+    low, high = (off_diagonal.min(), off_diagonal.max()) if off_diagonal.size else (-1, 1)
+    image = axis.imshow(matrix, cmap="viridis", vmin=low, vmax=max(high, low + 1e-6),
+                        interpolation="nearest")
     ticks = [labels[i] for i in order]
     font = 7 if len(order) <= 40 else 4
     axis.set_xticks(range(len(order)), ticks, rotation=90, fontsize=font)
