@@ -62,7 +62,7 @@ def test_the_pipeline_equals_an_independent_scikit_learn_computation():
     matrix = rng.standard_normal((12, _width())).astype(np.float32)  # (E, D), D even
     matrix[:4] += 2 * matrix[0]  # some structure, so k-means has something to find
     matrix[4:8] += 2 * matrix[4]
-    experts = [_expert(f"x{i}", row) for i, row in enumerate(matrix)]
+    experts = [_expert(f"x{i:02d}", row) for i, row in enumerate(matrix)]  # name order
     config = MBCConfig(k=3, seed=0)
     clustering = cluster_experts(experts, config)
 
@@ -99,6 +99,16 @@ def test_known_groups_are_recovered_and_auto_picks_their_number():
     assert cluster_experts(experts, MBCConfig(k="auto")).clusters == auto.clusters
     capped = cluster_experts(experts, MBCConfig(k="auto", max_k=4))
     assert sorted(capped.silhouette) == [2, 3, 4] and capped.k == 3
+
+
+def test_the_partition_does_not_depend_on_the_order_experts_are_listed():
+    rng = np.random.default_rng(3)
+    experts = [_expert(f"w{i:02d}", rng.standard_normal(_width()).astype(np.float32))
+               for i in range(10)]  # no planted structure: k-means++ seeding decides
+    listed = cluster_experts(experts, MBCConfig(k=3))
+    shuffled = cluster_experts([experts[i] for i in rng.permutation(10)], MBCConfig(k=3))
+    as_sets = lambda c: sorted(sorted(m) for m in c.clusters.values())  # noqa: E731
+    assert as_sets(listed) == as_sets(shuffled)
 
 
 def test_the_similarity_matrix_is_cosine_and_the_embedding_unit_norm():

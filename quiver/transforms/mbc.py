@@ -104,7 +104,11 @@ def cluster_experts(experts: list[Expert], config: MBCConfig) -> Clustering:
     """
     names = [e.name for e in experts]
     _check_counts(names, config)
-    embeddings = expert_embeddings(experts, config)  # (E, n)
+    # The SVD and k-means++ depend on the rows' order: computing in name order makes the
+    # partition the same however the experts are listed (a build and `quiver cluster` agree).
+    order = sorted(range(len(names)), key=names.__getitem__)
+    back = np.argsort(order)  # position of each input expert in name order
+    embeddings = expert_embeddings([experts[i] for i in order], config)  # (E, n)
     similarity = np.clip(embeddings @ embeddings.T, -1.0, 1.0)  # (E, E)
     if config.k == "auto":
         candidates = range(2, min(len(names) - 1, config.max_k) + 1)
@@ -116,7 +120,8 @@ def cluster_experts(experts: list[Expert], config: MBCConfig) -> Clustering:
         k = config.k
         labels = _kmeans(similarity, k, config)
         silhouette = {k: _silhouette(embeddings, labels)} if 2 <= k < len(names) else {}
-    labels = _renumber(labels)
+    embeddings, similarity = embeddings[back], similarity[np.ix_(back, back)]  # input order
+    labels = _renumber(np.asarray(labels)[back])
     clusters: dict[str, list[str]] = {}
     for name, label in zip(names, labels, strict=True):
         clusters.setdefault(f"cluster{label}", []).append(name)
