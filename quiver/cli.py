@@ -254,12 +254,10 @@ def eval_command(
     config: EvalConfig = None,
 ) -> None:
     """Evaluate a method on held-out tasks and print the per-task table."""
-    from quiver.recipes import evaluate_method, read_tasks_file
+    from quiver.recipes import evaluate_method
     from quiver.report import eval_table, write_report
 
-    names = list(task) + (read_tasks_file(tasks_file) if tasks_file else [])
-    if not names:
-        raise QuiverError("no tasks: pass --task or --tasks-file")
+    names = _task_names(task, tasks_file)
     report = evaluate_method(method, names, library, base, config, allow_seen, top_k,
                              temperature, routing_plot=routing_plot, gate_steps=gate_steps,
                              general=general or None, dtype=dtype)
@@ -319,7 +317,6 @@ def cluster(
         cluster_heatmap,
         clusters_table,
         silhouette_plot,
-        task_labels,
         write_report,
     )
 
@@ -334,8 +331,7 @@ def cluster(
         write_report(clustering.clusters, out)
         console.print(f"clusters written to {out}")
     if plot:
-        labels = task_labels(tasks)
-        cluster_heatmap(clustering, [labels[n] for n in clustering.names], plot)
+        cluster_heatmap(clustering, tasks, plot)
         console.print(f"similarity heatmap saved to {plot}")
     if silhouette_out:
         silhouette_plot(clustering.silhouette, clustering.k, silhouette_out)
@@ -362,12 +358,10 @@ def transfer(
     config: TransferConfig = None,
 ) -> None:
     """Score every expert (and the base model) on every task: the transfer matrix."""
-    from quiver.recipes import read_tasks_file, transfer_report
+    from quiver.recipes import transfer_report
     from quiver.report import transfer_heatmap, transfer_table, write_report
 
-    names = list(task) + (read_tasks_file(tasks_file) if tasks_file else [])
-    if not names:
-        raise QuiverError("no tasks: pass --task or --tasks-file")
+    names = _task_names(task, tasks_file)
     report = transfer_report(library, names, base, config, experts or None, not quiet)
     console.print(transfer_table(report))
     if out:
@@ -376,6 +370,16 @@ def transfer(
     if plot:
         transfer_heatmap(report, plot)
         console.print(f"transfer heatmap saved to {plot}")
+
+
+def _task_names(task: list[str], tasks_file: Path | None) -> list[str]:
+    """The tasks named by `--task` options and a `--tasks-file`, in that order."""
+    from quiver.recipes import read_tasks_file
+
+    names = list(task) + (read_tasks_file(tasks_file) if tasks_file else [])
+    if not names:
+        raise QuiverError("no tasks: pass --task or --tasks-file")
+    return names
 
 
 # ---------------------------------------------------------------------------- demo

@@ -31,7 +31,6 @@ from quiver.report import (
     clusters_table,
     comparison_table,
     library_table,
-    task_labels,
 )
 from quiver.training import TrainConfig
 from quiver.transforms.mbc import MBCConfig
@@ -65,9 +64,8 @@ def run_demo(library_url: str, steps: int, fresh: bool, console: Console,
     console.print(library_table(Library(private_url)))
 
     clustering, tasks = cluster_library(private_url, MBCConfig(k=CLUSTERS))
-    labels = task_labels(tasks)
     heatmap = root / "mbc-similarity.png"
-    cluster_heatmap(clustering, [labels[n] for n in clustering.names], heatmap)
+    cluster_heatmap(clustering, tasks, heatmap)
     console.print(clusters_table(clustering, tasks))
     console.print(f"similarity heatmap: {heatmap}")
     cluster_config = dataclasses.replace(config, steps=2 * steps)  # pooled data, more steps

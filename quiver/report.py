@@ -133,18 +133,18 @@ def clusters_table(clustering, tasks: dict[str, list[str]]) -> Table:
     return table
 
 
-def cluster_heatmap(clustering, labels: list[str] | None, path: Path) -> None:
+def cluster_heatmap(clustering, tasks: dict[str, list[str]] | None, path: Path) -> None:
     """Save the experts' cosine-similarity matrix, ordered by cluster, with cluster borders.
 
     Args:
         clustering: a `quiver.transforms.mbc.Clustering`.
-        labels: one axis label per expert, in `clustering.names` order (default: the names);
-            the expert's tasks make the clearest labels.
+        tasks: each expert's tasks, which label the axes (default: the experts' names).
     """
     import numpy as np
 
     plt = _pyplot()
-    labels = list(labels or clustering.names)
+    by_name = task_labels(tasks or {})
+    labels = [by_name.get(name, name) for name in clustering.names]
     position = {name: i for i, name in enumerate(clustering.names)}
     order = [position[m] for members in clustering.clusters.values() for m in members]
     matrix = clustering.similarity[np.ix_(order, order)]  # (E, E), grouped by cluster

@@ -212,7 +212,8 @@ def test_plots_are_written(tmp_path):
 
     experts, _ = _groups()
     clustering = cluster_experts(experts, MBCConfig(k="auto"))
-    cluster_heatmap(clustering, [f"task {n}" for n in clustering.names], tmp_path / "h.png")
+    cluster_heatmap(clustering, {n: [f"toy:task {n}"] for n in clustering.names},
+                    tmp_path / "h.png")
     silhouette_plot(clustering.silhouette, clustering.k, tmp_path / "s" / "curve.png")
     assert (tmp_path / "h.png").stat().st_size > 5000
     assert (tmp_path / "s" / "curve.png").stat().st_size > 5000

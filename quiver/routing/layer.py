@@ -69,7 +69,7 @@ def mixture_sparse(x, weights, indices, a_stack, b_rows, h=None, index=None) -> 
     t, k = indices.shape
     n_experts, rank, fan_in = a_stack.shape
     index = index or sparse_index(t, k, rank, x.device)
-    rows = indices[..., None] * rank + index.rank_offsets  # (t, k, R): rows of A and b_rows
+    rows = _rows(indices, rank, index.rank_offsets)  # (t, k, R): rows of A and of b_rows
     if torch.is_grad_enabled() and (x.requires_grad or a_stack.requires_grad):
         # that kernel has no derivative: gather the rows when training through the mixture
         h = torch.einsum("ti,tkri->tkr", x, a_stack[indices]) * weights[..., None]
@@ -103,9 +103,12 @@ def sparse_index(t: int, k: int, rank: int, device) -> SparseIndex:
                        torch.arange(0, t * per_token, per_token, device=device))
 
 
-def _rows(indices, rank) -> torch.Tensor:
-    """(t, k, R): row e*R + j of a stacked (E*R, .) matrix for each chosen expert e."""
-    return indices[..., None] * rank + torch.arange(rank, device=indices.device)
+def _rows(indices, rank, rank_offsets=None) -> torch.Tensor:
+    """(t, k, R): row e*R + j of a stacked (E*R, .) matrix for each chosen expert e
+    (`rank_offsets`, 0..R-1, when the caller has them already)."""
+    if rank_offsets is None:
+        rank_offsets = torch.arange(rank, device=indices.device)
+    return indices[..., None] * rank + rank_offsets
 
 
 DENSE_A = ("dense", "dense-a")  # the strategies that compute x @ A^T for every expert

@@ -198,7 +198,6 @@ class _Stack:
     def __init__(self, base: nn.Linear, count: int, rank: int,
                  shared: tuple[SharedInput, int] | None) -> None:
         like, fan_in = base.weight, base.in_features
-        self.base, self.count = base, count
         if shared is not None:
             group, member = shared
             self.keys = group.keys(member)  # (E, in)
