@@ -82,6 +82,17 @@ def test_splits_are_deterministic_disjoint_and_capped():
     assert [e.prompt for e in task.split("test", SplitConfig())] == parts["test"]
 
 
+def test_split_all_is_every_example_in_a_seeded_order():
+    task = Task("t", [Example(f"p{i}", f"t{i}") for i in range(300)], kind="gen")
+    every = [e.prompt for e in task.split("all")]
+    assert sorted(every) == sorted(e.prompt for e in task.examples)  # uncapped, no repeats
+    assert every == [e.prompt for e in task.split("all")]  # deterministic
+    assert every[:10] != [f"p{i}" for i in range(10)]  # shuffled: a prefix is a sample
+    assert every[:60] == [e.prompt for e in task.split("test")]  # test is its first part
+    with pytest.raises(QuiverError, match="unknown split"):
+        task.split("dev")
+
+
 def test_jsonl_reader_reads_generative_and_multiple_choice(tmp_path):
     gen = tmp_path / "gen.jsonl"
     gen.write_text('{"prompt": "2+2=", "target": "4"}\n\n{"prompt": "3+3=", "target": "6"}\n')

@@ -114,6 +114,14 @@ def test_evaluation_is_zero_shot_unless_allowed(tiny, task_library):
     held_out = evaluate_method("uniform", [names["heldout"]], library.url, "tiny-llama",
                                config, model_and_tokenizer=tiny, show_progress=False)
     assert held_out["tasks"][names["heldout"]]["examples"] == 2
+    every = EvalConfig(split="all", limit=0, max_new_tokens=4)
+    with pytest.raises(QuiverError, match="not zero-shot"):  # all examples: training ones too
+        evaluate_method("arrow", [names["apple"]], library.url, "tiny-llama", every,
+                        model_and_tokenizer=tiny, show_progress=False)
+    whole = evaluate_method("uniform", [names["heldout"]], library.url, "tiny-llama", every,
+                            model_and_tokenizer=tiny, show_progress=False)
+    task = quiver.load_task(names["heldout"])
+    assert whole["tasks"][names["heldout"]]["examples"] == len(task.examples)
     assert not any(isinstance(m, RoutedLinear) for m in tiny[0].modules())
 
 

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from quiver.errors import QuiverError
 
 
+SPLITS = ("train", "valid", "test", "all")
+
+
 @dataclass(frozen=True)
 class Example:
     """One example: the model reads `prompt` and should produce `target`.
@@ -57,16 +60,21 @@ class Task:
     metadata: dict = field(default_factory=dict)
 
     def split(self, part: str, config: SplitConfig = SplitConfig()) -> list[Example]:
-        """The examples of one part ("train", "valid" or "test"), always the same for a seed.
+        """The examples of one part ("train", "valid", "test" or "all"), always the same for a
+        seed.
 
         The order is a seeded shuffle keyed by the task's name, so adding a task never changes
         another task's split. Test comes first, then validation, then train, so raising the
-        train cap never moves an example out of the test set.
+        train cap never moves an example out of the test set. "all" is every example in that
+        shuffled order (uncapped), for tasks no expert trained on: its first n examples are a
+        deterministic random sample of the task.
         """
-        if part not in ("train", "valid", "test"):
-            raise QuiverError(f"unknown split {part!r}: use train, valid or test")
+        if part not in SPLITS:
+            raise QuiverError(f"unknown split {part!r}: use {', '.join(SPLITS)}")
         order = list(range(len(self.examples)))
         random.Random(config.seed * 1_000_003 + zlib.crc32(self.name.encode())).shuffle(order)
+        if part == "all":
+            return [self.examples[i] for i in order]
         n = len(order)
         n_test = int(n * config.test_fraction)
         n_valid = min(int(n * config.valid_fraction), config.max_valid)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from quiver.data.task import SplitConfig, Task
+from quiver.data.task import SPLITS, SplitConfig, Task
 from quiver.errors import QuiverError
 from quiver.evaluation.metrics import exact_match, mean, rouge_l
 from quiver.evaluation.scoring import generate_answers, score_choices_batch
@@ -18,13 +18,16 @@ from quiver.progress import counting_progress
 class EvalConfig:
     """Which examples to score and how."""
 
-    split: str = field(default="test", metadata={"help": "train, valid or test"})
-    limit: int = field(default=0, metadata={"help": "examples per task, at most (0: all)"})
+    split: str = field(default="test", metadata={
+        "help": "train, valid, test, or all (every example: only for tasks no evaluated "
+                "expert trained on, unless --allow-seen)"})
+    limit: int = field(default=0, metadata={
+        "help": "examples per task, at most (0: all); a seeded sample, the same every run"})
     batch_size: int = field(default=8, metadata={"help": "prompts per batch"})
     max_new_tokens: int = field(default=32, metadata={"help": "generation length, at most"})
 
     def __post_init__(self) -> None:
-        if self.split not in ("train", "valid", "test"):
+        if self.split not in SPLITS:
             raise ValueError(f"unknown split {self.split!r}")
 
 
