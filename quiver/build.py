@@ -48,10 +48,15 @@ class BuildConfig:
         "help": "mbc, random: seed of k-means and of the random membership"})
     shared_name: str = field(default="shared", metadata={"help": "shared: the expert's name"})
     executor: str = field(default="local", metadata={
-        "help": "local (trainings one after another) or ray (each training a Ray task)"})
+        "help": "local (trainings on this machine, --workers at once) or ray (each training "
+                "a Ray task)"})
+    workers: int = field(default=1, metadata={
+        "help": "local: trainings at once, each in its own process with --cpus-per-job "
+                "threads (1: one after another in this process, the base model loaded once)"})
     address: str = field(default="", metadata={
         "help": "ray: address of a running cluster (empty: start a local Ray)"})
-    cpus_per_job: float = field(default=1.0, metadata={"help": "ray: CPUs each training holds"})
+    cpus_per_job: float = field(default=1.0, metadata={
+        "help": "ray, and local with workers > 1: CPU threads each training holds"})
     gpus_per_job: float = field(default=0.0, metadata={"help": "ray: GPUs each training holds"})
     retries: int = field(default=1, metadata={
         "help": "times a failed training is tried again before it is reported"})
@@ -68,6 +73,8 @@ class BuildConfig:
             raise ValueError(f"strategy {self.strategy} takes no number of clusters")
         if self.cpus_per_job <= 0 or self.gpus_per_job < 0 or self.retries < 0:
             raise ValueError("cpus_per_job must be positive, gpus_per_job and retries >= 0")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -356,7 +363,9 @@ def run_jobs(
     """Train the jobs' experts into the library, skipping those already there.
 
     `config.executor` chooses where: `local` trains one after another in this process (the
-    base model loaded once); `ray` makes each job a Ray task that loads the base model itself
+    base model loaded once), or with `config.workers` > 1 that many at once, each job in a
+    process of its own with `config.cpus_per_job` threads (on a GPU, the processes share
+    it); `ray` makes each job a Ray task that loads the base model itself
     (`config.cpus_per_job`, `config.gpus_per_job`) on a local Ray or `config.address`. A job
     that fails is tried again `config.retries` times, then reported as failed.
     """
@@ -368,7 +377,8 @@ def run_jobs(
     outcomes = {name: _skipped(info) for name, info in done.items()}
     pending = [job for job in jobs if job.name not in done]
     if pending:
-        run = _run_on_ray if config.executor == "ray" else _run_locally
+        run = _run_on_ray if config.executor == "ray" else (
+            _run_in_processes if config.workers > 1 else _run_locally)
         with jobs_progress(len(pending), f"{config.executor} build", show_progress) as advance:
             for outcome in run(pending, library_url, base, train_config, config, dtype):
                 outcomes[outcome.name] = outcome
@@ -422,6 +432,57 @@ def _run_locally(pending, library_url, base, train_config, config, dtype) -> Ite
             break
         else:
             yield _failed(job, errors)
+
+
+def _run_in_processes(pending, library_url, base, train_config, config,
+                      dtype) -> Iterator[JobOutcome]:
+    """`config.workers` jobs at once, each in a fresh spawned process (CUDA cannot fork) that
+    loads the base model itself. A worker that dies takes its pool with it: the jobs that
+    were running count one failed try each and go to a new pool."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    context = multiprocessing.get_context("spawn")
+    errors: dict[str, list[str]] = {job.name: [] for job in pending}
+    queue = list(pending)
+    while queue:
+        with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+
+            def submit(job: Job):
+                return pool.submit(_process_train_job, job.name, list(job.tasks), library_url,
+                                   base, to_dict(train_config), dtype, config.cpus_per_job)
+
+            running = {submit(job): job for job in queue}
+            queue = []
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = running.pop(future)
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool as err:
+                        errors[job.name].append(_describe(err))
+                        if len(errors[job.name]) <= config.retries:
+                            queue.append(job)  # after this pool has drained
+                        else:
+                            yield _failed(job, errors[job.name])
+                        continue
+                    except Exception as err:  # the job's own failure: retry in this pool
+                        errors[job.name].append(_describe(err))
+                        if len(errors[job.name]) <= config.retries:
+                            running[submit(job)] = job
+                        else:
+                            yield _failed(job, errors[job.name])
+                        continue
+                    yield _outcome(job, result, attempts=len(errors[job.name]) + 1)
+
+
+def _process_train_job(name, tasks, library_url, base, train_config, dtype, cpus) -> dict:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))  # workers x threads should match the cores
+    return train_job(name, tasks, library_url, base, train_config, dtype)
 
 
 def _run_on_ray(pending, library_url, base, train_config, config, dtype) -> Iterator[JobOutcome]:

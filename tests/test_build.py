@@ -345,3 +345,26 @@ def test_ray_failed_job_is_retried_once_then_reported(ray_cluster, tmp_path):
     outcomes = run_jobs(jobs, lib, "tiny-llama", FAST, config, show_progress=False)
     assert [o.status for o in outcomes] == ["skipped", "trained", "skipped"]
     assert Library(lib).names() == ["copy", "reverse", "upper"]
+
+
+def test_local_workers_train_in_parallel_processes_like_one_after_another(tmp_path):
+    tasks = some_tasks(tmp_path / "tasks")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    build_library(tasks, one, "tiny-llama", FAST, BuildConfig(), show_progress=False)
+    path = Path(tasks[1].removeprefix("jsonl:"))
+    good = path.read_text()
+    path.write_text(good + "{not json\n")  # the data breaks after the checks: upper fails
+    jobs = private_jobs([tasks[0], tasks[2]]) + private_jobs([tasks[1]])
+    outcomes = {o.name: o for o in run_jobs(jobs, two, "tiny-llama", FAST,
+                                            BuildConfig(workers=2), show_progress=False)}
+    assert outcomes["upper"].status == "failed" and outcomes["upper"].attempts == 2
+    assert "not a valid example" in outcomes["upper"].error
+    assert Library(two).names() == ["copy", "reverse"] and not leftovers(two)
+    path.write_text(good)
+    report = build_library(tasks, two, "tiny-llama", FAST, BuildConfig(workers=2),
+                           show_progress=False)
+    assert [o.status for o in report.outcomes] == ["skipped", "trained", "skipped"]
+    # each process trains the same weights the sequential build did (seeded, same data)
+    for name in ("copy", "upper", "reverse"):
+        a, b = Library(one).get(name).weights, Library(two).get(name).weights
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
