@@ -8,14 +8,19 @@
 2. Merges of the private library: uniform (A and B averaged) and TIES.
 3. Every method on held-out multiple-choice tasks of BIG-bench Lite (no expert saw them, and
    nothing here is tuned on their test split): base, shared, uniform merge, TIES, Arrow over
-   private / MBC / random, PHATGOOSE and centroid routing over private.
+   private / MBC / random, uniform routing over MBC, Arrow over MBC with GenKnowSub (the
+   shared expert as the general one), PHATGOOSE and centroid routing over private. With
+   `split: all` a held-out task is scored on a seeded sample of all its examples.
 4. Accuracy per task and on average with bootstrap 95% intervals (examples resampled within
-   each task), paired intervals for MBC + Arrow against base, uniform merge and shared, a
-   Markdown table and a bar plot.
+   each task), paired intervals for every method against base and for MBC + Arrow against
+   base, uniform merge, shared and Arrow private, how far the experts moved apart (cosine
+   similarities of their parameters), a Markdown table and a bar plot.
 
-Usage: .venv/bin/python benchmarks/zero_shot.py --budget smoke|small|full
+Usage: .venv/bin/python benchmarks/zero_shot.py --budget smoke|small|medium|full
 Writes benchmarks/results/zero_shot_<budget>.{json,md,png}; evaluations are cached in the run
-folder (runs/zero-shot-<budget>/), so a re-run only evaluates what is missing.
+folder (runs/zero-shot-<budget>/), so a re-run only evaluates what is missing. `medium` is the
+CPU budget (about 2 hours on 2 cores); `full` is for a GPU, where trainings and evaluations
+run several at once in processes of their own (`workers`, `eval_workers`).
 """
 
 from __future__ import annotations
@@ -91,13 +96,14 @@ HELD_OUT = [  # the multiple-choice tasks of BIG-bench Lite (bigbench_lite_v1)
 BUDGETS = {  # steps are per expert; cluster and shared experts see more tasks, so more steps
     "smoke": {"tasks": 8, "private_steps": 16, "cluster_steps": 32, "shared_steps": 64,
               "clusters": 3, "held_out": 4, "limit": 20, "gate_steps": 10, "batch": 4,
-              "max_length": 160, "dtype": "bf16"},
+              "max_length": 160, "dtype": "bf16", "lr": 1e-3, "split": "test"},
     "small": {"tasks": 32, "private_steps": 12, "cluster_steps": 24, "shared_steps": 64,
               "clusters": 6, "held_out": 8, "limit": 40, "gate_steps": 10, "batch": 8,
-              "max_length": 192, "dtype": "bf16"},
-    "full": {"tasks": 32, "private_steps": 500, "cluster_steps": 1500, "shared_steps": 4000,
-             "clusters": 8, "held_out": 18, "limit": 0, "gate_steps": 100, "batch": 16,
-             "max_length": 512, "dtype": "auto"},
+              "max_length": 192, "dtype": "bf16", "lr": 1e-3, "split": "test"},
+    "full": {"tasks": 32, "private_steps": 200, "cluster_steps": 600, "shared_steps": 1600,
+             "clusters": 8, "held_out": 18, "limit": 250, "gate_steps": 100, "batch": 16,
+             "max_length": 512, "dtype": "auto", "lr": 5e-4, "split": "all",
+             "workers": 8, "cpus_per_job": 2, "eval_workers": 6},
 }
 BOOTSTRAP = 2000
 
@@ -115,6 +121,9 @@ def methods(names: dict[str, list[str]]) -> list[dict]:
         {"label": "Arrow MBC", "method": "arrow", "library": "mbc", "experts": names["mbc"]},
         {"label": "Arrow random", "method": "arrow", "library": "random",
          "experts": names["random"]},
+        {"label": "uniform MBC", "method": "uniform", "library": "mbc", "experts": names["mbc"]},
+        {"label": "Arrow MBC GenKnowSub", "method": "arrow", "library": "mbc",
+         "experts": names["mbc"], "general": ["shared"]},
         {"label": "PHATGOOSE private", "method": "phatgoose", "library": "private",
          "experts": private},
         {"label": "centroid private", "method": "centroid", "library": "private",
@@ -136,7 +145,13 @@ def probes(names: dict[str, list[str]]) -> list[dict]:
 
 
 def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, list[str]]:
-    """Train (or find) the four libraries and the two merges; returns each one's experts."""
+    """Train (or find) the four libraries and the two merges; returns each one's experts.
+
+    The private library comes first (MBC and random clusters are computed from it); with
+    `workers` in the budget, its trainings run that many at once in processes of their own,
+    and the MBC, random and shared libraries are then built at the same time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from quiver.build import BuildConfig, build_library
     from quiver.library import Library
     from quiver.merging import merge_experts
@@ -144,28 +159,40 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
     from quiver.training import TrainConfig
 
     tasks = TRAIN_TASKS[: budget["tasks"]]
+    workers = budget.get("workers", 1)
+    parallel = {"workers": workers, "cpus_per_job": budget.get("cpus_per_job", 1)}
 
-    def train_config(steps: int) -> TrainConfig:
-        return TrainConfig(steps=steps, batch_size=budget["batch"], lr=1e-3,
-                           max_length=budget["max_length"], eval_every=steps, eval_examples=32)
+    def build(label: str, config: BuildConfig, steps: int) -> list[str]:
+        print(f"== building the {label} library", flush=True)
+        train_config = TrainConfig(steps=steps, batch_size=budget["batch"], lr=budget["lr"],
+                                   max_length=budget["max_length"], eval_every=steps,
+                                   eval_examples=32)
+        report = build_library(tasks, str(run / label), "smollm2-135m", train_config,
+                               config, private_url=private_url, dtype=budget["dtype"],
+                               show_progress=workers == 1)
+        if report.failed:
+            raise SystemExit(f"{label}: trainings failed: "
+                             f"{[(o.name, o.error) for o in report.failed]}")
+        print(f"== built the {label} library", flush=True)
+        return [o.name for o in report.outcomes]
 
     private_url = str(run / "private")
-    plans = [
-        ("private", BuildConfig(strategy="private"), budget["private_steps"]),
-        ("mbc", BuildConfig(strategy="mbc", clusters=budget["clusters"]),
-         budget["cluster_steps"]),
-        ("random", BuildConfig(strategy="random", clusters=budget["clusters"]),
-         budget["cluster_steps"]),
-        ("shared", BuildConfig(strategy="shared"), budget["shared_steps"]),
-    ]
-    names = {}
-    for label, config, steps in plans:
-        print(f"== building the {label} library", flush=True)
-        report = build_library(tasks, str(run / label), "smollm2-135m", train_config(steps),
-                               config, private_url=private_url, dtype=budget["dtype"])
-        if report.failed:
-            raise SystemExit(f"{label}: trainings failed: {[o.name for o in report.failed]}")
-        names[label] = [o.name for o in report.outcomes]
+    names = {"private": build("private", BuildConfig(strategy="private", **parallel),
+                              budget["private_steps"])}
+    plans = {
+        "mbc": (BuildConfig(strategy="mbc", clusters=budget["clusters"], **parallel),
+                budget["cluster_steps"]),
+        "random": (BuildConfig(strategy="random", clusters=budget["clusters"], **parallel),
+                   budget["cluster_steps"]),
+        "shared": (BuildConfig(strategy="shared", **parallel), budget["shared_steps"]),
+    }
+    with ThreadPoolExecutor(len(plans) if workers > 1 else 1) as threads:
+        futures = {label: threads.submit(build, label, *plan) for label, plan in plans.items()}
+        names.update({label: future.result() for label, future in futures.items()})
+
+    mbc = Library(str(run / "mbc"))
+    if "shared" not in mbc:  # GenKnowSub's general expert, beside the MBC experts
+        mbc.add(Library(str(run / "shared")).get("shared"))
     merges = Library(str(run / "merges"), create=True)
     model = model_and_tokenizer[0]
     merges.ensure_base("smollm2-135m", fingerprint(model), linear_module_shapes(model))
@@ -178,35 +205,79 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
 
 
 def evaluate_all(run: Path, budget: dict, specs: list[dict], model_and_tokenizer) -> list[dict]:
-    """Every method's report (cached in the run folder as it finishes)."""
+    """Every method's report (cached in the run folder as it finishes). With `eval_workers`
+    in the budget, methods are evaluated that many at once, each in a process of its own."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    missing = [spec for spec in specs if not _cache(run, spec).exists()]
+    workers = budget.get("eval_workers", 1)
+    if workers > 1 and len(missing) > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for label in pool.map(evaluate_one, [run] * len(missing), [budget] * len(missing),
+                                  missing):
+                print(f"== evaluated {label}", flush=True)
+    else:
+        for spec in missing:
+            evaluate_one(run, budget, spec, model_and_tokenizer)
+    return [json.loads(_cache(run, spec).read_text()) for spec in specs]
+
+
+def _cache(run: Path, spec: dict) -> Path:
+    return run / "eval" / (spec["label"].replace(" ", "-") + ".json")
+
+
+def evaluate_one(run: Path, budget: dict, spec: dict, model_and_tokenizer=None) -> str:
+    """Evaluate one method on the held-out tasks and cache its report; returns its label."""
     from quiver.evaluation import EvalConfig
     from quiver.recipes import evaluate_method
 
     held_out = HELD_OUT[: budget["held_out"]]
-    reports = []
-    for spec in specs:
-        cache = run / "eval" / (spec["label"].replace(" ", "-") + ".json")
-        if cache.exists():
-            reports.append(json.loads(cache.read_text()))
-            continue
-        print(f"== evaluating {spec['label']}", flush=True)
-        started = time.perf_counter()
-        library = str(run / spec["library"]) if spec["library"] else None
-        plot = run / "eval" / (spec["label"].replace(" ", "-") + "-routing.png")
-        routed = spec["method"] in ("arrow", "phatgoose", "centroid")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        report = evaluate_method(spec["method"], held_out, library, "smollm2-135m",
-                                 EvalConfig(limit=budget["limit"]), experts=spec["experts"],
-                                 top_k=spec.get("top_k"),
-                                 temperature=spec.get("temperature", 1.0),
-                                 model_and_tokenizer=model_and_tokenizer,
-                                 gate_steps=budget["gate_steps"],
-                                 routing_plot=plot if routed else None)
-        report.update(label=spec["label"], seconds=round(time.perf_counter() - started, 1))
-        cache.write_text(json.dumps(report))
-        reports.append(report)
-        print(f"{spec['label']}: {report['average']['accuracy']:.1f}", flush=True)
-    return reports
+    print(f"== evaluating {spec['label']}", flush=True)
+    started = time.perf_counter()
+    library = str(run / spec["library"]) if spec["library"] else None
+    cache = _cache(run, spec)
+    plot = cache.with_name(cache.stem + "-routing.png")
+    routed = spec["method"] in ("arrow", "phatgoose", "centroid")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    report = evaluate_method(spec["method"], held_out, library, "smollm2-135m",
+                             EvalConfig(split=budget["split"], limit=budget["limit"]),
+                             experts=spec["experts"], top_k=spec.get("top_k"),
+                             temperature=spec.get("temperature", 1.0),
+                             model_and_tokenizer=model_and_tokenizer,
+                             gate_steps=budget["gate_steps"], general=spec.get("general"),
+                             routing_plot=plot if routed else None, dtype=budget["dtype"],
+                             show_progress=model_and_tokenizer is not None)
+    report.update(label=spec["label"], seconds=round(time.perf_counter() - started, 1))
+    staging = cache.with_suffix(".tmp")
+    staging.write_text(json.dumps(report))
+    staging.replace(cache)  # a run stopped midway never leaves half a report
+    print(f"{spec['label']}: {report['average']['accuracy']:.1f}", flush=True)
+    return spec["label"]
+
+
+def expert_similarity(run: Path, names: list[str]) -> dict:
+    """How far the private experts moved apart: the range of cosine similarities between
+    their parameter vectors (all A and B, and B alone: every A starts from the same seeded
+    init, B from zero, so B shows what training put in)."""
+    from quiver.library import Library
+
+    library = Library(str(run / "private"))
+    every, b_only = [], []
+    for expert in library.experts(names):
+        factors = expert.lora_factors()
+        modules = sorted(factors)
+        every.append(torch.cat([t.flatten().float() for m in modules for t in factors[m]]))
+        b_only.append(torch.cat([factors[m][1].flatten().float() for m in modules]))
+        expert.drop_weights()
+    result = {}
+    for label, vectors in (("all", every), ("B", b_only)):
+        unit = torch.nn.functional.normalize(torch.stack(vectors), dim=1)
+        cosine = unit @ unit.T
+        off = cosine[~torch.eye(len(vectors), dtype=torch.bool)]
+        result[label] = {"min": float(off.min()), "median": float(off.median()),
+                         "max": float(off.max())}
+    return result
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -255,14 +326,24 @@ def summarise(reports: list[dict]) -> dict:
     for other in ("base", "uniform merge", "shared", "Arrow private"):
         diff = samples[:, target] - samples[:, labels.index(other)]
         summary["paired"][other] = {"difference": float(diff.mean()), "ci": interval(diff)}
+    summary["versus_base"] = {}
+    for m, label in enumerate(labels):
+        diff = samples[:, m] - samples[:, labels.index("base")]
+        summary["versus_base"][label] = {"difference": float(diff.mean()), "ci": interval(diff)}
     return summary
 
 
+def machine_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA), {cpu_name()}"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
 # ---------------------------------------------------------------------------------- output
-def write(args, budget, reports, summary, clusters, timings, extra=()) -> None:
+def write(args, budget, reports, summary, clusters, timings, extra=(), similarity=None) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    machine = machine_name()
     command = "python benchmarks/zero_shot.py " + " ".join(sys.argv[1:])
     stem = RESULTS / f"zero_shot_{args.budget}"
     RESULTS.mkdir(exist_ok=True)
@@ -271,7 +352,8 @@ def write(args, budget, reports, summary, clusters, timings, extra=()) -> None:
         {"command": command, "commit": commit, "machine": machine, "budget": budget,
          "train_tasks": TRAIN_TASKS[: budget["tasks"]],
          "held_out": HELD_OUT[: budget["held_out"]], "clusters": clusters,
-         "timings_s": timings, "summary": summary, "reports": slim}, indent=1))
+         "timings_s": timings, "similarity": similarity, "summary": summary,
+         "reports": slim}, indent=1))
     _plot(summary, stem.with_suffix(".png"), args.budget)
 
     labels = list(summary["methods"])
@@ -286,9 +368,11 @@ def write(args, budget, reports, summary, clusters, timings, extra=()) -> None:
         f"{budget['tasks']} training tasks; private experts {budget['private_steps']} steps, "
         f"MBC and random-cluster experts ({budget['clusters']} clusters) "
         f"{budget['cluster_steps']} steps, the shared expert {budget['shared_steps']} steps "
-        f"(batch {budget['batch']}). Held out: {len(tasks)} BIG-bench Lite multiple-choice "
-        f"tasks, at most {budget['limit'] or 'all'} test examples each; accuracy (%) by "
-        "log-likelihood. Intervals: 95% bootstrap, examples resampled within tasks.", "",
+        f"(batch {budget['batch']}, lr {budget['lr']:g}, at most {budget['max_length']} "
+        f"tokens). Held out: {len(tasks)} BIG-bench Lite multiple-choice tasks, "
+        f"{sum(n.values())} examples: at most {budget['limit'] or 'all'} per task from its "
+        f"`{budget['split']}` split (a seeded sample); accuracy (%) by log-likelihood. "
+        "Intervals: 95% bootstrap, examples resampled within tasks.", "",
         "| method | average | 95% interval | " + " | ".join(
             t.removeprefix("bigbench:") + f" (n={n[t]})" for t in tasks) + " |",
         "|---|---:|---:|" + "---:|" * len(tasks),
@@ -303,6 +387,18 @@ def write(args, budget, reports, summary, clusters, timings, extra=()) -> None:
     for other, d in summary["paired"].items():
         lines.append(f"| {other} | {d['difference']:+.1f} | {d['ci'][0]:+.1f} to "
                      f"{d['ci'][1]:+.1f} |")
+    lines += ["", "Each method minus the base model (paired bootstrap):", "",
+              "| method | difference | 95% interval |", "|---|---:|---:|"]
+    for label, d in summary["versus_base"].items():
+        if label != "base":
+            lines.append(f"| {label} | {d['difference']:+.1f} | {d['ci'][0]:+.1f} to "
+                         f"{d['ci'][1]:+.1f} |")
+    if similarity:
+        lines += ["", "How far the private experts moved apart (cosine similarity between "
+                  "experts' parameter vectors, off the diagonal):", "",
+                  "| parameters | min | median | max |", "|---|---:|---:|---:|"]
+        lines += [f"| {label} | {v['min']:.3f} | {v['median']:.3f} | {v['max']:.3f} |"
+                  for label, v in similarity.items()]
     if extra:
         lines += ["", "Arrow probes (the same held-out examples; k experts per token, softmax "
                   "temperature T):", "", "| setting | average | " + " | ".join(
@@ -366,8 +462,15 @@ def main() -> None:
     parser.add_argument("--run", help="run folder (default runs/zero-shot-<budget>)")
     parser.add_argument("--probes", action="store_true",
                         help="also evaluate Arrow with other top-k and temperatures")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override budget entries, e.g. --set private_steps=100 workers=4")
     args = parser.parse_args()
-    budget = BUDGETS[args.budget]
+    budget = dict(BUDGETS[args.budget])
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in budget and key not in ("workers", "cpus_per_job", "eval_workers"):
+            raise SystemExit(f"unknown budget entry {key!r}: {sorted(budget)}")
+        budget[key] = type(budget.get(key, 1))(value)
     run = Path(args.run or f"runs/zero-shot-{args.budget}").absolute()
 
     from quiver.library import Library
@@ -381,7 +484,8 @@ def main() -> None:
     timings = {"build": built - started, "evaluate": time.perf_counter() - built}
     extra = evaluate_all(run, budget, probes(names), model_and_tokenizer) if args.probes else []
     clusters = (Library(str(run / "mbc")).get_clusters("mbc") or ({}, {}))[0]
-    write(args, budget, reports, summarise(reports), clusters, timings, extra)
+    similarity = expert_similarity(run, names["private"])
+    write(args, budget, reports, summarise(reports), clusters, timings, extra, similarity)
 
 
 if __name__ == "__main__":

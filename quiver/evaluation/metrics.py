@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-from rouge_score import rouge_scorer
-
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"])
+import functools
 
 
 def exact_match(answer: str, references: tuple[str, ...]) -> float:
@@ -20,7 +18,16 @@ def exact_match(answer: str, references: tuple[str, ...]) -> float:
 
 
 def rouge_l(answer: str, references: tuple[str, ...]) -> float:
-    return 100.0 * max(_ROUGE.score(r, answer)["rougeL"].fmeasure for r in references)
+    scorer = _rouge_scorer()
+    return 100.0 * max(scorer.score(r, answer)["rougeL"].fmeasure for r in references)
+
+
+@functools.cache
+def _rouge_scorer():
+    """Built on first use: multiple-choice work never imports rouge-score (or nltk)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
 
 
 def mean(values: list[float]) -> float:

@@ -166,11 +166,18 @@ class MixtureStrategy:
             mixture(x, weights, indices, a_stack, b_rows)  # warm up
             times = []
             for _ in range(self.repeats):
+                _wait_for(x.device)
                 started = time.perf_counter()
                 mixture(x, weights, indices, a_stack, b_rows)
+                _wait_for(x.device)  # a GPU runs kernels asynchronously: time them, not launches
                 times.append(time.perf_counter() - started)
             best[name] = min(times)
         return min(best, key=best.get)
+
+
+def _wait_for(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # -------------------------------------------------------------------------------- layer
