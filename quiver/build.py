@@ -6,7 +6,7 @@ the executors that run the trainings (one after another here, or as Ray tasks on
                          └ mbc / random: private experts ──► clusters ──► one job per cluster
 
 A job is one expert to train. Every job trains straight into the library through
-`quiver.recipes.train_into_library`, so a build is resumable for free: an expert already in
+`train_into_library`, so a build is resumable for free: an expert already in
 the library is skipped, a half-trained one resumes from its saved run state, and an add is
 atomic (a failed job never leaves half an expert). A failed job is retried, then reported; it
 never stops the others.
@@ -27,8 +27,8 @@ from quiver.data import load_task
 from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo, Library
 from quiver.library.store import check_name
-from quiver.recipes import train_into_library
-from quiver.training import TrainConfig
+from quiver.models import fingerprint, linear_module_shapes, load_base
+from quiver.training import TrainConfig, TrainResult, train_expert
 
 STRATEGIES = ("private", "shared", "mbc", "random")
 EXECUTORS = ("local", "ray")
@@ -180,6 +180,44 @@ def build_library(
     report.outcomes = run_jobs(jobs, library_url, base, train_config, config, dtype,
                                show_progress)
     return report
+
+
+def train_into_library(
+    task_names: list[str],
+    library_url: str,
+    name: str,
+    base: str,
+    config: TrainConfig,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    model_and_tokenizer=None,
+    dtype: str = "auto",
+) -> tuple[Expert, TrainResult]:
+    """Train an expert on `task_names` and add it to the library at `library_url`.
+
+    Everything that can be checked is checked before training starts: the tasks exist and
+    have examples, the name is free, the library is for this base model. An interrupted run
+    resumes from its saved state when the same command is run again.
+
+    Raises:
+        QuiverError: unknown or empty task, a taken name, or a library for another base.
+    """
+    tasks = [load_task(t) for t in task_names]
+    try:
+        existing = Library(library_url)
+    except QuiverError:
+        existing = None  # created below, once the base model has loaded
+    if existing is not None and name in existing and not overwrite:
+        raise QuiverError(f"an expert named {name!r} already exists in {library_url}")
+    model, tokenizer = model_and_tokenizer or load_base(base, dtype=dtype)
+    library = existing or Library(library_url, create=True)
+    library.ensure_base(base, fingerprint(model), linear_module_shapes(model))
+    run_state = library.run_state(name)
+    expert, result = train_expert(model, tokenizer, tasks, name, config, run_state=run_state,
+                                  show_progress=show_progress)
+    added = library.add(expert, overwrite=overwrite)
+    run_state.clear()  # only now: a failed add can be retried from the finished run
+    return added, result
 
 
 # ----------------------------------------------------------------------------- checking
@@ -416,8 +454,6 @@ def train_job(
 
 
 def _run_locally(pending, library_url, base, train_config, config, dtype) -> Iterator[JobOutcome]:
-    from quiver.models import load_base
-
     model_and_tokenizer = load_base(base, dtype=dtype)  # once for every job
     for job in pending:
         errors = []

@@ -98,7 +98,7 @@ def train(
     config: TrainConfig = None,
 ) -> None:
     """Train one LoRA expert on one or more tasks and add it to a library."""
-    from quiver.recipes import train_into_library
+    from quiver.build import train_into_library
 
     expert, result = train_into_library(task, library, name, base, config, overwrite, not quiet,
                                         dtype=dtype)

@@ -1,6 +1,8 @@
-"""Recipes: workflows that read top to bottom and call the building blocks.
+"""Recipes: workflows that read top to bottom and call the building blocks (listing tasks,
+evaluating a method, clustering a library, the transfer matrix).
 
-The CLI calls these; they know nothing about the command line.
+The CLI calls these; they know nothing about the command line. Training into a library is
+`quiver.build.train_into_library`: building libraries is its own level, below this one.
 """
 
 from __future__ import annotations
@@ -8,47 +10,8 @@ from __future__ import annotations
 from quiver.data import TaskInfo, list_bigbench, load_task
 from quiver.data import hf as hf_reader
 from quiver.errors import QuiverError
-from quiver.library import Expert, Library
-from quiver.models import cache_dir, fingerprint, linear_module_shapes, load_base
-from quiver.training import TrainConfig, TrainResult, train_expert
-
-
-def train_into_library(
-    task_names: list[str],
-    library_url: str,
-    name: str,
-    base: str,
-    config: TrainConfig,
-    overwrite: bool = False,
-    show_progress: bool = True,
-    model_and_tokenizer=None,
-    dtype: str = "auto",
-) -> tuple[Expert, TrainResult]:
-    """Train an expert on `task_names` and add it to the library at `library_url`.
-
-    Everything that can be checked is checked before training starts: the tasks exist and
-    have examples, the name is free, the library is for this base model. An interrupted run
-    resumes from its saved state when the same command is run again.
-
-    Raises:
-        QuiverError: unknown or empty task, a taken name, or a library for another base.
-    """
-    tasks = [load_task(t) for t in task_names]
-    try:
-        existing = Library(library_url)
-    except QuiverError:
-        existing = None  # created below, once the base model has loaded
-    if existing is not None and name in existing and not overwrite:
-        raise QuiverError(f"an expert named {name!r} already exists in {library_url}")
-    model, tokenizer = model_and_tokenizer or load_base(base, dtype=dtype)
-    library = existing or Library(library_url, create=True)
-    library.ensure_base(base, fingerprint(model), linear_module_shapes(model))
-    run_state = library.run_state(name)
-    expert, result = train_expert(model, tokenizer, tasks, name, config, run_state=run_state,
-                                  show_progress=show_progress)
-    added = library.add(expert, overwrite=overwrite)
-    run_state.clear()  # only now: a failed add can be retried from the finished run
-    return added, result
+from quiver.library import Library
+from quiver.models import cache_dir, load_base
 
 
 def available_tasks(

@@ -368,3 +368,11 @@ def test_local_workers_train_in_parallel_processes_like_one_after_another(tmp_pa
     for name in ("copy", "upper", "reverse"):
         a, b = Library(one).get(name).weights, Library(two).get(name).weights
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_building_sits_below_recipes_and_reports_data_flows_one_way():
+    probe = ("import sys, quiver.build; "
+             "print(sorted(m for m in sys.modules if m in ('quiver.recipes', 'quiver.report')))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

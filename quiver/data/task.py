@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 from quiver.errors import QuiverError
 
-
 SPLITS = ("train", "valid", "test", "all")
 
 
