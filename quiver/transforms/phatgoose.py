@@ -13,6 +13,7 @@ keys (`quiver.routing.phatgoose`).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,8 +42,10 @@ def train_gates(model, tokenizer, expert, tasks: list[Task], steps: int = 100, l
     """`{module: gate vector (in,)}` trained with the expert frozen."""
     from quiver.training import target_only_loss
 
-    examples = [tokenize_example(tokenizer, e, max_length)
-                for t in tasks for e in t.split("train", SplitConfig())]
+    pool = [e for t in tasks for e in t.split("train", SplitConfig())]
+    if len(pool) > steps * batch_size:  # tokenize only what the steps can use (tasks reach 10k)
+        pool = random.Random(seed).sample(pool, steps * batch_size)
+    examples = [tokenize_example(tokenizer, e, max_length) for e in pool]
     frozen = {p: p.requires_grad for p in model.parameters()}
     for parameter in frozen:
         parameter.requires_grad_(False)  # only the gates learn
@@ -78,7 +81,7 @@ def train_gates(model, tokenizer, expert, tasks: list[Task], steps: int = 100, l
 def library_gates(model, tokenizer, library: Library, names: list[str], steps: int = 100,
                   lr: float = 1e-3, task_loader: Callable[[str], Task] = load_task) -> dict:
     """Gates of each named expert, trained once (with `model`) and stored in the library."""
-    config = {"steps": steps, "lr": lr, "batch_size": 8, "seed": 0}
+    config = {"steps": steps, "lr": lr, "batch_size": 8, "seed": 0, "sample": "steps*batch"}
 
     def compute(name: str) -> dict:
         expert = library.get(name)

@@ -1,0 +1,174 @@
+"""Which CPU training budget makes experts help? A small sweep that chooses the `medium`
+budget of `zero_shot.py` without looking at its held-out tasks.
+
+For each setting (steps per expert, learning rate, sequence length), a private library of
+the first N training tasks of `zero_shot.py` is built, then the base model, the uniform merge
+and Arrow (top-4) are scored on *sweep* tasks: BIG-bench Hard multiple-choice tasks, which
+are neither training tasks nor the BIG-bench Lite tasks the zero-shot table is measured on.
+Reported per setting: accuracy, the paired bootstrap difference to the base model, how far
+the experts moved apart (cosine range of their B matrices), and the build time.
+
+Usage: .venv/bin/python benchmarks/budget_sweep.py [--tasks 4] [--limit 60]
+Writes benchmarks/results/budget_sweep.{json,md}; every build and evaluation is cached in
+runs/budget-sweep/, so a stopped sweep resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from zero_shot import TRAIN_TASKS, bootstrap_average, hits, interval, machine_name  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SWEEP_TASKS = [  # BIG-bench Hard multiple choice: not trained on, not the zero-shot table's
+    "bigbench:date_understanding",
+    "bigbench:disambiguation_qa",
+    "bigbench:hyperbaton",
+    "bigbench:movie_recommendation",
+    "bigbench:navigate",
+    "bigbench:snarks",
+    "bigbench:sports_understanding",
+    "bigbench:ruin_names",
+]
+SETTINGS = [  # (steps per expert, learning rate, max tokens)
+    (30, 1e-3, 256),
+    (60, 5e-4, 256),
+    (120, 5e-4, 256),
+]
+
+
+def run_setting(run: Path, steps: int, lr: float, max_length: int, args, model_and_tokenizer,
+                ) -> dict:
+    from quiver.build import BuildConfig, build_library
+    from quiver.evaluation import EvalConfig
+    from quiver.library import Library
+    from quiver.merging import merge_experts
+    from quiver.recipes import evaluate_method
+    from quiver.training import TrainConfig
+
+    folder = run / f"steps{steps}-lr{lr:g}-len{max_length}"
+    cache = folder / "result.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    tasks = TRAIN_TASKS[: args.tasks]
+    config = TrainConfig(steps=steps, lr=lr, batch_size=8, max_length=max_length,
+                         eval_every=steps, eval_examples=32)
+    started = time.perf_counter()
+    report = build_library(tasks, str(folder / "private"), "smollm2-135m", config,
+                           BuildConfig(strategy="private"), dtype="bf16")
+    built = time.perf_counter() - started
+    library = Library(str(folder / "private"))
+    names = [o.name for o in report.outcomes]
+    if "uniform-merge" not in library:
+        merged, _ = merge_experts(library.experts(names), "uniform", "uniform-merge")
+        library.add(merged)
+    evaluation = EvalConfig(split="all", limit=args.limit)
+    reports = {}
+    for label, method, experts in (("uniform merge", "expert:uniform-merge", None),
+                                   ("Arrow", "arrow", names)):
+        reports[label] = evaluate_method(method, SWEEP_TASKS, str(folder / "private"),
+                                         "smollm2-135m", evaluation, experts=experts,
+                                         model_and_tokenizer=model_and_tokenizer)
+    result = {"steps": steps, "lr": lr, "max_length": max_length, "build_s": built,
+              "experts": names, "similarity_B": _b_cosine_range(library, names),
+              "valid_loss": {o.name: o.best_valid_loss for o in report.outcomes},
+              "reports": {k: _slim(v) for k, v in reports.items()}}
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def _b_cosine_range(library, names: list[str]) -> tuple[float, float]:
+    vectors = []
+    for expert in library.experts(names):
+        factors = expert.lora_factors()
+        vectors.append(torch.cat([factors[m][1].flatten().float() for m in sorted(factors)]))
+        expert.drop_weights()
+    unit = torch.nn.functional.normalize(torch.stack(vectors), dim=1)
+    off = (unit @ unit.T)[~torch.eye(len(vectors), dtype=torch.bool)]
+    return float(off.min()), float(off.max())
+
+
+def _slim(report: dict) -> dict:
+    return {"average": report["average"], "tasks": {
+        t: {"accuracy": r["accuracy"], "examples": r["examples"], "per_example": r["per_example"]}
+        for t, r in report["tasks"].items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=4, help="training tasks (private experts)")
+    parser.add_argument("--limit", type=int, default=60, help="examples per sweep task")
+    parser.add_argument("--run", default="runs/budget-sweep")
+    args = parser.parse_args()
+    run = Path(args.run).absolute()
+
+    from quiver.evaluation import EvalConfig
+    from quiver.models import load_base
+    from quiver.recipes import evaluate_method
+
+    model_and_tokenizer = load_base("smollm2-135m", dtype="bf16")
+    base_cache = run / f"base-{args.limit}.json"
+    if not base_cache.exists():
+        base_cache.parent.mkdir(parents=True, exist_ok=True)
+        base = evaluate_method("base", SWEEP_TASKS, None, "smollm2-135m",
+                               EvalConfig(split="all", limit=args.limit),
+                               model_and_tokenizer=model_and_tokenizer)
+        base_cache.write_text(json.dumps(_slim(base)))
+    base = json.loads(base_cache.read_text())
+    results = [run_setting(run, *setting, args, model_and_tokenizer) for setting in SETTINGS]
+    write(args, base, results)
+
+
+def write(args, base: dict, results: list[dict]) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    command = "python benchmarks/budget_sweep.py " + " ".join(sys.argv[1:])
+    n = sum(r["examples"] for r in base["tasks"].values())
+    lines = [
+        "# Training-budget sweep for the CPU `medium` zero-shot budget", "",
+        f"`{command}` at commit `{commit}`, {machine_name()}, torch {torch.__version__}.", "",
+        f"Private experts on the first {args.tasks} training tasks of `zero_shot.py` "
+        "(SmolLM2-135M-Instruct in bf16, LoRA r=4 on all linear layers, batch 8); scored on "
+        f"{len(SWEEP_TASKS)} BIG-bench Hard multiple-choice tasks ({n} examples, at most "
+        f"{args.limit} each, a seeded sample of all their examples), which are not the "
+        "zero-shot table's held-out tasks. Differences to the base model: paired bootstrap, "
+        "95% interval.", "",
+        f"Base model: **{base['average']['accuracy']:.1f}**", "",
+        "| steps | lr | tokens | build (min) | B cosine range | uniform merge | vs base | "
+        "Arrow top-4 | vs base |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        cells = []
+        for label in ("uniform merge", "Arrow"):
+            report = r["reports"][label]
+            samples = bootstrap_average([hits(report), hits(base)])
+            low, high = interval(samples[:, 0] - samples[:, 1])
+            diff = report["average"]["accuracy"] - base["average"]["accuracy"]
+            cells += [f"{report['average']['accuracy']:.1f}",
+                      f"{diff:+.1f} ({low:+.1f} to {high:+.1f})"]
+        similarity = r["similarity_B"]
+        lines.append(f"| {r['steps']} | {r['lr']:g} | {r['max_length']} | "
+                     f"{r['build_s'] / 60:.1f} | {similarity[0]:.2f} to {similarity[1]:.2f} | "
+                     + " | ".join(cells) + " |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "budget_sweep.md").write_text("\n".join(lines) + "\n")
+    slim = [{k: v for k, v in r.items() if k != "reports"} | {
+        "accuracy": {k: v["average"]["accuracy"] for k, v in r["reports"].items()}}
+        for r in results]
+    (RESULTS / "budget_sweep.json").write_text(json.dumps(
+        {"command": command, "commit": commit, "machine": machine_name(),
+         "sweep_tasks": SWEEP_TASKS, "base": base["average"], "settings": slim}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
