@@ -43,3 +43,40 @@ def test_embedded_smollm2_loads_from_cache_and_answers():
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_device_and_dtype_default_to_cuda_bf16_when_a_gpu_is_seen(monkeypatch):
+    from quiver.models import pick_device_and_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device_and_dtype() == (torch.device("cuda"), torch.bfloat16)
+    assert pick_device_and_dtype(dtype="fp32") == (torch.device("cuda"), torch.float32)
+    assert pick_device_and_dtype("cpu") == (torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device_and_dtype(dtype="auto") == (torch.device("cpu"), torch.float32)
+    with pytest.raises(QuiverError, match="unknown dtype"):
+        pick_device_and_dtype(dtype="fp8")
+
+
+def test_routed_layers_live_on_the_base_layers_device_and_dtype():
+    """What `attach_experts` allocates follows the base weights (on a GPU: cuda, bf16)."""
+    from quiver.library.expert import Expert, ExpertInfo
+    from quiver.routing import RoutedLinear, UniformRouter, attach_experts, detach_experts
+
+    model, _ = load_base("tiny-llama", device="cpu", dtype=torch.bfloat16)
+    module = "model.layers.0.self_attn.q_proj"
+    weights = {f"base_model.model.{module}.lora_A.weight": torch.randn(2, 64),
+               f"base_model.model.{module}.lora_B.weight": torch.randn(64, 2)}
+    info = ExpertInfo(name="e", tasks=[], base_model="tiny-llama", base_fingerprint=None,
+                      lora={"r": 2})
+    expert = Expert(info, {"r": 2, "lora_alpha": 2, "target_modules": ["q_proj"],
+                           "layers_to_transform": [0], "peft_type": "LORA"}, weights=weights)
+    attach_experts(model, [expert], UniformRouter())
+    layer = model.get_submodule(module)
+    assert isinstance(layer, RoutedLinear)
+    tensors = [layer.a_stack, layer.b_rows, layer.local_index]
+    assert all(t.device == layer.base.weight.device for t in tensors)
+    assert layer.a_stack.dtype == layer.b_rows.dtype == torch.bfloat16
+    ids = torch.tensor([[1, 2, 3]])
+    assert model(ids).logits.dtype == torch.bfloat16
+    detach_experts(model)
