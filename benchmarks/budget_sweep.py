@@ -25,7 +25,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zero_shot import TRAIN_TASKS, bootstrap_average, hits, interval, machine_name  # noqa: E402
+from zero_shot import (  # noqa: E402
+    TRAIN_TASKS,
+    bootstrap_average,
+    fast_cpu_dtype,
+    hits,
+    interval,
+    machine_name,
+)
 
 RESULTS = Path(__file__).parent / "results"
 SWEEP_TASKS = [  # BIG-bench Hard multiple choice: not trained on, not the zero-shot table's
@@ -54,7 +61,7 @@ def run_setting(run: Path, steps: int, lr: float, max_length: int, args, model_a
     from quiver.recipes import evaluate_method
     from quiver.training import TrainConfig
 
-    folder = run / f"steps{steps}-lr{lr:g}-len{max_length}"
+    folder = run / f"steps{steps}-lr{lr:g}-len{max_length}-{args.dtype}"
     cache = folder / "result.json"
     if cache.exists():
         return json.loads(cache.read_text())
@@ -63,7 +70,7 @@ def run_setting(run: Path, steps: int, lr: float, max_length: int, args, model_a
                          eval_every=steps, eval_examples=32)
     started = time.perf_counter()
     report = build_library(tasks, str(folder / "private"), "smollm2-135m", config,
-                           BuildConfig(strategy="private"), dtype="bf16")
+                           BuildConfig(strategy="private"), dtype=args.dtype)
     built = time.perf_counter() - started
     library = Library(str(folder / "private"))
     names = [o.name for o in report.outcomes]
@@ -114,8 +121,9 @@ def main() -> None:
     from quiver.models import load_base
     from quiver.recipes import evaluate_method
 
-    model_and_tokenizer = load_base("smollm2-135m", dtype="bf16")
-    base_cache = run / f"base-{args.limit}.json"
+    args.dtype = fast_cpu_dtype()
+    model_and_tokenizer = load_base("smollm2-135m", dtype=args.dtype)
+    base_cache = run / f"base-{args.limit}-{args.dtype}.json"
     if not base_cache.exists():
         base_cache.parent.mkdir(parents=True, exist_ok=True)
         base = evaluate_method("base", SWEEP_TASKS, None, "smollm2-135m",
@@ -123,8 +131,10 @@ def main() -> None:
                                model_and_tokenizer=model_and_tokenizer)
         base_cache.write_text(json.dumps(_slim(base)))
     base = json.loads(base_cache.read_text())
-    results = [run_setting(run, *setting, args, model_and_tokenizer) for setting in SETTINGS]
-    write(args, base, results)
+    results = []
+    for setting in SETTINGS:  # the table grows as settings finish
+        results.append(run_setting(run, *setting, args, model_and_tokenizer))
+        write(args, base, results)
 
 
 def write(args, base: dict, results: list[dict]) -> None:
@@ -136,8 +146,8 @@ def write(args, base: dict, results: list[dict]) -> None:
         "# Training-budget sweep for the CPU `medium` zero-shot budget", "",
         f"`{command}` at commit `{commit}`, {machine_name()}, torch {torch.__version__}.", "",
         f"Private experts on the first {args.tasks} training tasks of `zero_shot.py` "
-        "(SmolLM2-135M-Instruct in bf16, LoRA r=4 on all linear layers, batch 8); scored on "
-        f"{len(SWEEP_TASKS)} BIG-bench Hard multiple-choice tasks ({n} examples, at most "
+        f"(SmolLM2-135M-Instruct in {args.dtype}, LoRA r=4 on all linear layers, batch 8); "
+        f"scored on {len(SWEEP_TASKS)} BIG-bench Hard multiple-choice tasks ({n} examples, at most "
         f"{args.limit} each, a seeded sample of all their examples), which are not the "
         "zero-shot table's held-out tasks. Differences to the base model: paired bootstrap, "
         "95% interval.", "",

@@ -100,10 +100,16 @@ BUDGETS = {  # steps are per expert; cluster and shared experts see more tasks, 
     "small": {"tasks": 32, "private_steps": 12, "cluster_steps": 24, "shared_steps": 64,
               "clusters": 6, "held_out": 8, "limit": 40, "gate_steps": 10, "batch": 8,
               "max_length": 192, "dtype": "bf16", "lr": 1e-3, "split": "test"},
+    # medium: the CPU budget (2 cores, about 2 hours); steps, lr and length from the sweep of
+    # benchmarks/budget_sweep.py (results/budget_sweep.md), which never sees these held-out
+    # tasks; 12 held-out tasks x up to 200 examples of all their examples (2,152 in all)
+    "medium": {"tasks": 8, "private_steps": 60, "cluster_steps": 120, "shared_steps": 240,
+               "clusters": 3, "held_out": 12, "limit": 200, "gate_steps": 30, "batch": 8,
+               "max_length": 256, "dtype": "fast", "lr": 5e-4, "split": "all"},
     "full": {"tasks": 32, "private_steps": 200, "cluster_steps": 600, "shared_steps": 1600,
              "clusters": 8, "held_out": 18, "limit": 250, "gate_steps": 100, "batch": 16,
              "max_length": 512, "dtype": "auto", "lr": 5e-4, "split": "all",
-             "workers": 8, "cpus_per_job": 2, "eval_workers": 6},
+             "workers": 4, "cpus_per_job": 3, "eval_workers": 4},
 }
 BOOTSTRAP = 2000
 
@@ -148,8 +154,9 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
     """Train (or find) the four libraries and the two merges; returns each one's experts.
 
     The private library comes first (MBC and random clusters are computed from it); with
-    `workers` in the budget, its trainings run that many at once in processes of their own,
-    and the MBC, random and shared libraries are then built at the same time."""
+    `workers` in the budget, trainings run that many at once in processes of their own
+    (on a GPU: SmolLM2-135M at batch 16 x 512 takes 6-15 GB per training, and eight of
+    them overflowed an 80 GB H100)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from quiver.build import BuildConfig, build_library
@@ -179,16 +186,20 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
     private_url = str(run / "private")
     names = {"private": build("private", BuildConfig(strategy="private", **parallel),
                               budget["private_steps"])}
-    plans = {
+    clustered = {
         "mbc": (BuildConfig(strategy="mbc", clusters=budget["clusters"], **parallel),
                 budget["cluster_steps"]),
         "random": (BuildConfig(strategy="random", clusters=budget["clusters"], **parallel),
                    budget["cluster_steps"]),
-        "shared": (BuildConfig(strategy="shared", **parallel), budget["shared_steps"]),
     }
-    with ThreadPoolExecutor(len(plans) if workers > 1 else 1) as threads:
-        futures = {label: threads.submit(build, label, *plan) for label, plan in plans.items()}
-        names.update({label: future.result() for label, future in futures.items()})
+    shared = (BuildConfig(strategy="shared", **parallel), budget["shared_steps"])
+    # The shared expert is one long training: with workers, it runs beside the cluster
+    # experts (workers + 1 trainings at once), which are built one library after the other.
+    with ThreadPoolExecutor(1) as beside:
+        shared_future = beside.submit(build, "shared", *shared) if workers > 1 else None
+        for label, plan in clustered.items():
+            names[label] = build(label, *plan)
+        names["shared"] = shared_future.result() if shared_future else build("shared", *shared)
 
     mbc = Library(str(run / "mbc"))
     if "shared" not in mbc:  # GenKnowSub's general expert, beside the MBC experts
@@ -333,6 +344,19 @@ def summarise(reports: list[dict]) -> dict:
     return summary
 
 
+def fast_cpu_dtype() -> str:
+    """bf16 where the CPU has bf16 units (AVX-512 BF16 or AMX: about 2.7x faster training
+    here), else fp32: without them a bf16 matmul runs about 8x slower than fp32 (measured on
+    an AVX2-only EPYC). On a GPU, "auto" (bf16)."""
+    if torch.cuda.is_available():
+        return "auto"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
 def machine_name() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA), {cpu_name()}"
@@ -466,6 +490,8 @@ def main() -> None:
                         help="override budget entries, e.g. --set private_steps=100 workers=4")
     args = parser.parse_args()
     budget = dict(BUDGETS[args.budget])
+    if budget["dtype"] == "fast":  # bf16 only where the CPU computes it fast
+        budget["dtype"] = fast_cpu_dtype()
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in budget and key not in ("workers", "cpus_per_job", "eval_workers"):
