@@ -5,6 +5,11 @@ What makes it fast on a CPU, compared with a textbook PEFT + transformers loop:
   but the output projection (vocabulary 49k) and the cross-entropy only on target positions;
 - batches are grouped by length (`quiver.data.batching`), so almost nothing is padding.
 
+What makes it fit in memory: a batch whose activations would not fit runs in parts of at most
+`micro_batch_tokens` padded tokens with gradient accumulation (the same update as the whole
+batch), and with `gradient_checkpointing` the decoder layers recompute their activations in
+the backward pass. Both are chosen from the free memory unless set (`plan_memory`).
+
 It is reproducible (seeded data order, dropout seeded per step), keeps the LoRA weights of the
 best validation loss, and resumes after an interruption from the state it saves at every
 evaluation: the resumed run produces the same weights as one that was never interrupted.
@@ -12,11 +17,16 @@ evaluation: the resumed run produces the same weights as one that was never inte
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import platform
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +39,7 @@ from quiver.data.batching import (
     TokenizedExample,
     collate,
     length_grouped_batches,
+    micro_batches,
     tokenize_example,
 )
 from quiver.data.task import SplitConfig, Task
@@ -38,6 +49,10 @@ from quiver.library.store import RunState
 from quiver.models import fingerprint
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHECKPOINTING = ("auto", "on", "off")
+# How a step is run, not what it computes: left out of the key that matches a saved run to its
+# config, so a run stopped for lack of memory can resume with a smaller budget.
+MEMORY_FIELDS = ("micro_batch_tokens", "gradient_checkpointing")
 
 
 @dataclass
@@ -62,11 +77,21 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for data order, init and dropout"})
     max_train: int = field(default=10_000, metadata={"help": "train examples per task, at most"})
     max_valid: int = field(default=1_000, metadata={"help": "valid examples per task, at most"})
+    micro_batch_tokens: int = field(default=0, metadata={
+        "help": "padded tokens per forward/backward, at most: a bigger batch runs in parts "
+                "(gradient accumulation, the same update); 0: pick from the free memory"})
+    gradient_checkpointing: str = field(default="auto", metadata={
+        "help": "recompute activations in the backward pass (less memory, slower): on, off, "
+                "or auto (on when one example would not fit otherwise)"})
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
         if self.rank < 1 or self.batch_size < 1 or self.max_length < 8:
             raise ValueError("rank, batch_size must be positive and max_length at least 8")
+        if self.micro_batch_tokens < 0:
+            raise ValueError("micro_batch_tokens must be 0 (automatic) or positive")
+        if self.gradient_checkpointing not in CHECKPOINTING:
+            raise ValueError(f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)}")
         if self.steps < 1 and self.epochs <= 0:
             raise ValueError("train for at least one step (steps > 0 or epochs > 0)")
         if not self.target_modules:
@@ -74,6 +99,25 @@ class TrainConfig:
 
     def split_config(self) -> SplitConfig:
         return SplitConfig(seed=0, max_train=self.max_train, max_valid=self.max_valid)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How each step's batch runs: in parts of at most `micro_batch_tokens` padded tokens
+    (0: whole), with or without gradient checkpointing; and the figures it was chosen from."""
+
+    micro_batch_tokens: int
+    gradient_checkpointing: bool
+    estimated_bytes: int = 0  # activation memory of the largest part, as estimated
+    available_bytes: int = 0  # memory free when planned (0: not measured)
+
+    def describe(self) -> str:
+        parts = (f"parts of <= {self.micro_batch_tokens} tokens" if self.micro_batch_tokens
+                 else "whole batches")
+        checkpointing = "on" if self.gradient_checkpointing else "off"
+        gib = 2**30
+        return (f"{parts}, checkpointing {checkpointing} (activations ~"
+                f"{self.estimated_bytes / gib:.1f} GiB, {self.available_bytes / gib:.1f} GiB free)")
 
 
 @dataclass
@@ -86,6 +130,7 @@ class TrainResult:
     best_step: int
     best_valid_loss: float
     history: list[dict]
+    memory: MemoryPlan | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -100,12 +145,43 @@ def target_only_loss(causal_lm: PreTrainedModel, batch: dict[str, torch.Tensor])
     """
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
     hidden = decoder(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state  # (batch, time, hidden)
     labels = batch["labels"][:, 1:]  # position t predicts token t + 1
     keep = labels != IGNORE_INDEX  # (batch, time - 1)
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])  # (targets, vocab)
     return F.cross_entropy(logits.float(), labels[keep])
+
+
+def accumulate_gradients(
+    causal_lm: PreTrainedModel,
+    examples: list[TokenizedExample],
+    pad_id: int,
+    max_tokens: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[float, int]:
+    """Backpropagate the mean target loss of `examples` as one batch, in parts of at most
+    `max_tokens` padded tokens (0: in one go).
+
+    Each part's mean loss is weighted by its share of the batch's target tokens, so the
+    accumulated gradient is that of the whole batch's mean loss (up to float rounding) while
+    only one part's activations are alive at a time. Dropout draws its masks part by part, so
+    with dropout the masks (not their distribution) differ from a run in one go.
+
+    Returns:
+        The batch's mean target loss and its number of real (unpadded) tokens.
+    """
+    device = device or next(causal_lm.parameters()).device
+    parts = [collate(part, pad_id) for part in micro_batches(examples, max_tokens)]
+    targets = [int((part["labels"][:, 1:] != IGNORE_INDEX).sum()) for part in parts]
+    loss_sum, tokens = 0.0, 0
+    for part, n in zip(parts, targets, strict=True):
+        part = {k: v.to(device) for k, v in part.items()}
+        loss = target_only_loss(causal_lm, part) * (n / sum(targets))  # x 1.0 for one part
+        loss.backward()
+        loss_sum += loss.item()
+        tokens += int(part["attention_mask"].sum())
+    return loss_sum, tokens
 
 
 def train_expert(
@@ -134,7 +210,9 @@ def train_expert(
         raise QuiverError("no tasks to train on")
     train_set, valid_set = _tokenized_splits(tokenizer, tasks, config)
     device = next(model.parameters()).device
-    run_key = stable_hash({"config": to_dict(config), "tasks": [t.name for t in tasks]})
+    _return_freed_memory()
+    what = {k: v for k, v in to_dict(config).items() if k not in MEMORY_FIELDS}
+    run_key = stable_hash({"config": what, "tasks": [t.name for t in tasks]})
     steps = config.steps
     if config.epochs > 0:
         steps = max(1, math.ceil(config.epochs * len(train_set) / config.batch_size))
@@ -148,21 +226,25 @@ def train_expert(
             state = _Progress()
             if run_state is not None:
                 _resume(run_state, run_key, peft_model, optimizer, state)
-            batches = _batch_plan(train_set, config, steps, tokenizer.pad_token_id)
-            _loop(
-                peft_model,
-                tokenizer,
-                optimizer,
-                batches,
-                valid_set,
-                config,
-                steps,
-                state,
-                run_state,
-                run_key,
-                device,
-                show_progress,
-            )
+            plan = plan_memory(model, train_set, config, previous=state.memory)
+            state.memory = asdict(plan)
+            batches = _batch_plan(train_set, config, steps)
+            with gradient_checkpointing(model, plan.gradient_checkpointing):
+                _loop(
+                    peft_model,
+                    tokenizer,
+                    optimizer,
+                    batches,
+                    valid_set,
+                    config,
+                    steps,
+                    state,
+                    run_state,
+                    run_key,
+                    device,
+                    show_progress,
+                    plan,
+                )
             weights = state.best_weights or _lora_weights(peft_model)
             adapter_config = _adapter_config(peft_model, model)
         finally:
@@ -179,12 +261,13 @@ def train_expert(
             "lora_dropout": config.dropout,
             "target_modules": list(config.target_modules),
         },
-        training={**to_dict(config), "steps_run": steps, "train_examples": len(train_set)},
+        training={**to_dict(config), "steps_run": steps, "train_examples": len(train_set),
+                  "memory": state.memory},
         metrics={"best_valid_loss": state.best_loss, "best_step": state.best_step},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     result = TrainResult(
-        steps, state.tokens, state.seconds, state.best_step, state.best_loss, state.history
+        steps, state.tokens, state.seconds, state.best_step, state.best_loss, state.history, plan
     )
     return Expert(info, adapter_config, weights=weights), result
 
@@ -199,6 +282,7 @@ class _Progress:
     best_step: int = 0
     best_weights: dict | None = None
     history: list = field(default_factory=list)
+    memory: dict | None = None  # the MemoryPlan the run started with (reused on resume)
 
 
 def _loop(
@@ -214,6 +298,7 @@ def _loop(
     run_key,
     device,
     show_progress,
+    plan,
 ) -> None:
     """Run optimizer steps from `state.step` to `steps`, validating every `eval_every`."""
     from quiver.progress import training_progress
@@ -221,26 +306,27 @@ def _loop(
     warmup = max(1, int(config.warmup * steps))
     with training_progress(steps, show_progress) as bar:
         bar.advance(state.step)
+        bar.note(plan.describe())  # until the first validation replaces it
         while state.step < steps:
             peft_model.train()
             torch.manual_seed(config.seed * 1_000_003 + state.step)  # dropout: resumable
             started = time.perf_counter()
-            batch = {k: v.to(device) for k, v in batches[state.step].items()}
             lr = config.lr * _lr_factor(state.step, steps, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = target_only_loss(peft_model.get_base_model(), batch)
-            loss.backward()
+            loss, tokens = accumulate_gradients(peft_model.get_base_model(), batches[state.step],
+                                                tokenizer.pad_token_id, plan.micro_batch_tokens,
+                                                device)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.tokens += int(batch["attention_mask"].sum())
+            state.tokens += tokens
             state.seconds += time.perf_counter() - started
-            bar.update(loss=loss.item(), tokens_per_second=state.tokens / state.seconds)
+            bar.update(loss=loss, tokens_per_second=state.tokens / state.seconds)
             if state.step % config.eval_every == 0 or state.step == steps:
                 valid_loss = _validate(peft_model, valid_set, tokenizer, config, device)
                 state.history.append(
-                    {"step": state.step, "train_loss": loss.item(), "valid_loss": valid_loss}
+                    {"step": state.step, "train_loss": loss, "valid_loss": valid_loss}
                 )
                 if valid_loss < state.best_loss:
                     state.best_loss, state.best_step = valid_loss, state.step
@@ -292,6 +378,156 @@ def mean_target_loss(
     return total / count
 
 
+# ---------------------------------------------------------------------------- memory
+MEMORY_FRACTION = 0.5  # of the free memory, for activations: the rest for others and error
+CPU_PART_TOKENS = 512  # on a CPU, bigger parts are no faster (benchmarks/README.md), only bigger
+# Activation memory per token and decoder layer, in values of the model's dtype: what autograd
+# saves (summed with torch.autograd.graph.saved_tensors_hooks on SmolLM2-135M, fp32, LoRA r=4 on
+# the 7 linear modules, dropout 0.05: 66 KiB = 15 x hidden 576 + 5 x intermediate 1536 values:
+# residual stream, norms, q and attention output, each LoRA module's dropped-out input; gate,
+# up, activation, product). The peak RSS of a forward + backward grows by PEAK_FACTOR times
+# that: 2.0 MiB per token over 30 layers, from the difference in peak RSS between 1 and 2 rows
+# of 512 tokens, each in a fresh process (with `_return_freed_memory`; 3.0 MiB without it).
+HIDDEN_VALUES, INTERMEDIATE_VALUES, PEAK_FACTOR = 15, 5, 1.1
+# With checkpointing a layer keeps 2 x hidden values per token (4.4 KiB measured on 8 layers)
+# and one layer at a time holds the above: 0.15 MiB per token measured, 0.2 estimated.
+CHECKPOINT_HIDDEN_VALUES = 2
+
+
+def plan_memory(
+    model: PreTrainedModel,
+    examples: list[TokenizedExample],
+    config: TrainConfig,
+    previous: dict | None = None,
+) -> MemoryPlan:
+    """Resolve the memory settings of `config` left on auto, for training `model` on `examples`.
+
+    Checkpointing costs about one more forward per step, so auto turns it on only when one of
+    the longest examples would not fit without it. Parts cost almost nothing, so auto splits a
+    batch whose estimated activations exceed `MEMORY_FRACTION` of the free memory (the
+    optimizer, other processes and the estimate's error need the rest); on a CPU it also keeps
+    parts to `CPU_PART_TOKENS` (or one row), as bigger ones are no faster. A resumed run passes
+    `previous`, the plan it started with, and keeps its auto choices, so it takes the same steps
+    as a run never interrupted, whatever memory is free now.
+    """
+    device = next(model.parameters()).device
+    widest = max(len(e) for e in examples)
+    batch_tokens = widest * min(config.batch_size, len(examples))
+    target_share = sum(len(e) - e.n_prompt for e in examples) / sum(len(e) for e in examples)
+    available = available_memory(device)
+    budget = MEMORY_FRACTION * available
+
+    def cost(checkpointing: bool) -> float:
+        return activation_bytes_per_token(model, checkpointing, target_share)
+
+    checkpointing = config.gradient_checkpointing == "on"
+    if config.gradient_checkpointing == "auto":
+        checkpointing = (previous["gradient_checkpointing"] if previous
+                         else widest * cost(False) > budget)
+    tokens = config.micro_batch_tokens
+    if tokens == 0 and previous:
+        tokens = previous["micro_batch_tokens"]
+    elif tokens == 0:
+        tokens = int(budget // cost(checkpointing))
+        if device.type == "cpu":
+            tokens = min(tokens, CPU_PART_TOKENS)
+        tokens = max(tokens, widest)
+        tokens = 0 if tokens >= batch_tokens else tokens  # whole batches fit
+    part = min(max(tokens, widest), batch_tokens) if tokens else batch_tokens
+    return MemoryPlan(tokens, checkpointing, int(part * cost(checkpointing)), int(available))
+
+
+def activation_bytes_per_token(
+    model: PreTrainedModel, checkpointing: bool, target_share: float = 1.0
+) -> float:
+    """Estimated peak memory a training forward + backward adds per padded token.
+
+    From the model's config (calibrated on SmolLM2, see the constants above); `target_share`
+    of the tokens also hold fp32 logits over the vocabulary, their log-softmax and gradient.
+    """
+    config = model.config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    value = next(model.parameters()).element_size()
+    layer = PEAK_FACTOR * (HIDDEN_VALUES * hidden + INTERMEDIATE_VALUES * intermediate) * value
+    if checkpointing:
+        decoder = layers * CHECKPOINT_HIDDEN_VALUES * hidden * value + layer
+    else:
+        decoder = layers * layer
+    return decoder + target_share * config.vocab_size * 4 * 3
+
+
+def available_memory(device: torch.device | str) -> int:
+    """Bytes this process can still allocate on `device`.
+
+    CUDA: the free memory plus what PyTorch's cache holds unused. Otherwise the system's
+    available memory, or less where a container's memory limit (cgroup v2) leaves less.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    import psutil  # a dependency of peft
+
+    available = psutil.virtual_memory().available
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+@contextmanager
+def gradient_checkpointing(model: PreTrainedModel, enabled: bool = True) -> Iterator[None]:
+    """Within the block, `model`'s decoder layers keep only their inputs when training and
+    recompute the rest in the backward pass: about one more forward, a fraction of the memory.
+
+    Non-reentrant checkpointing: the LoRA weights get their gradients although no layer input
+    requires grad, and the recompute replays the same dropout masks (it restores the RNG
+    state), so the gradients are those of a run without it. The model is left as found (one
+    already checkpointing is left alone).
+    """
+    if not enabled or any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        yield
+        return
+    had_input_hooks = bool(getattr(model, "_require_grads_hooks", None))
+    # `activation_checkpointing_*` in recent transformers 5, `gradient_checkpointing_*` before
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
+    if not had_input_hooks:  # added for reentrant checkpointing; would backprop to embeddings
+        model.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        (disable or model.gradient_checkpointing_disable)()
+
+
+def _return_freed_memory() -> None:
+    """Make glibc give freed activation memory back to the system (Linux; process-wide).
+
+    glibc raises its mmap threshold each time a big block is freed; blocks below it then come
+    from the heap, which only shrinks from its top, so one step's freed activations stay in
+    the process and the next step's land beside them. Fixing the threshold at its default,
+    128 KiB, keeps big blocks mapped and returned when freed. Measured on SmolLM2, 512 tokens:
+    peak RSS per token 2.0 MiB instead of 3.0, with checkpointing 0.15 instead of 1.07; step
+    time unchanged within noise.
+    """
+    if platform.system() != "Linux":
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library of this process
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
+_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+
+
 # ------------------------------------------------------------------------ setup helpers
 def _tokenized_splits(tokenizer, tasks, config) -> tuple[list, list]:
     split = config.split_config()
@@ -310,7 +546,7 @@ def _tokenized_splits(tokenizer, tasks, config) -> tuple[list, list]:
     return train, valid
 
 
-def _batch_plan(train_set: list[TokenizedExample], config, steps, pad_id: int) -> _LazyBatches:
+def _batch_plan(train_set: list[TokenizedExample], config, steps) -> _LazyBatches:
     """The batches of every step, epoch after epoch, each epoch in its own seeded order."""
     lengths = [len(e) for e in train_set]
     plan: list[list[int]] = []
@@ -318,17 +554,17 @@ def _batch_plan(train_set: list[TokenizedExample], config, steps, pad_id: int) -
     while len(plan) < steps:
         plan += length_grouped_batches(lengths, config.batch_size, seed=config.seed + epoch)
         epoch += 1
-    return _LazyBatches(train_set, plan[:steps], pad_id)
+    return _LazyBatches(train_set, plan[:steps])
 
 
 class _LazyBatches:
-    """Collates a step's batch when it is asked for (a plan of 10,000 steps costs nothing)."""
+    """A step's examples when asked for (a plan of 10,000 steps holds only indices)."""
 
-    def __init__(self, examples, plan, pad_id: int) -> None:
-        self._examples, self._plan, self._pad_id = examples, plan, pad_id
+    def __init__(self, examples, plan) -> None:
+        self._examples, self._plan = examples, plan
 
-    def __getitem__(self, step: int) -> dict:
-        return collate([self._examples[i] for i in self._plan[step]], self._pad_id)
+    def __getitem__(self, step: int) -> list[TokenizedExample]:
+        return [self._examples[i] for i in self._plan[step]]
 
     def __len__(self) -> int:
         return len(self._plan)
@@ -381,6 +617,7 @@ def _save(run_state: RunState, run_key, peft_model, optimizer, state: _Progress)
         "best_loss": state.best_loss,
         "best_step": state.best_step,
         "history": state.history,
+        "memory": state.memory,
     }
     run_state.write(tensors, meta)
 
@@ -410,3 +647,4 @@ def _resume(run_state: RunState, run_key, peft_model, optimizer, state: _Progres
     state.step, state.tokens, state.seconds = meta["step"], meta["tokens"], meta["seconds"]
     state.best_loss, state.best_step = meta["best_loss"], meta["best_step"]
     state.best_weights, state.history = (best or None), meta["history"]
+    state.memory = meta.get("memory")  # absent in runs saved before memory plans

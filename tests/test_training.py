@@ -1,13 +1,21 @@
+import contextlib
 import dataclasses
 
 import pytest
 import torch
 
 import quiver.training as training
-from quiver.data.batching import collate, tokenize_example
+from quiver.data.batching import collate, micro_batches, tokenize_example
 from quiver.errors import QuiverError
 from quiver.models import fingerprint
-from quiver.training import TrainConfig, target_only_loss, train_expert
+from quiver.training import (
+    TrainConfig,
+    accumulate_gradients,
+    gradient_checkpointing,
+    plan_memory,
+    target_only_loss,
+    train_expert,
+)
 
 from .conftest import QUICK, make_task, new_library
 
@@ -147,12 +155,17 @@ def test_a_task_without_training_examples_is_refused(tiny):
 def test_train_config_round_trips_through_json_and_validates():
     from quiver.config import from_dict, to_dict
 
-    config = TrainConfig(rank=8, target_modules=("q_proj", "v_proj"))
+    config = TrainConfig(rank=8, target_modules=("q_proj", "v_proj"), micro_batch_tokens=1024,
+                         gradient_checkpointing="on")
     assert from_dict(TrainConfig, to_dict(config)) == config
     with pytest.raises(QuiverError, match="no field"):
         from_dict(TrainConfig, {"rnak": 3})
     with pytest.raises(QuiverError, match="invalid TrainConfig"):
         from_dict(TrainConfig, {"rank": 0})
+    with pytest.raises(QuiverError, match="gradient_checkpointing"):
+        from_dict(TrainConfig, {"gradient_checkpointing": "sometimes"})
+    with pytest.raises(QuiverError, match="micro_batch_tokens"):
+        from_dict(TrainConfig, {"micro_batch_tokens": -1})
 
 
 @pytest.mark.integration
@@ -167,3 +180,149 @@ def test_real_model_trains_on_a_real_bigbench_task():
     expert, result = train_expert(model, tokenizer, [task], "sports", config, show_progress=False)
     assert result.tokens > 0 and len(expert.lora_factors()) == 30 * 7
     assert result.history[-1]["valid_loss"] < result.history[0]["valid_loss"] + 0.5
+
+
+# ------------------------------------------------------------------ memory: parts, checkpointing
+def _examples(tokenizer, n=8):
+    """Examples of different lengths, so parts differ in width and padding matters."""
+    from quiver.data import Example
+
+    return [tokenize_example(tokenizer, Example("Say it " + "again " * (i % 5) + f"{i}:", f" {i}"),
+                             64) for i in range(n)]
+
+
+@contextlib.contextmanager
+def _lora(model, dropout=0.0):
+    """The tiny model with LoRA, B initialised away from zero so that every factor gets a
+    gradient; unwrapped afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        peft_model = training._wrap_with_lora(model, dataclasses.replace(QUICK, dropout=dropout))
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.5)
+        try:
+            yield peft_model
+        finally:
+            peft_model.unload()
+
+
+def _gradients(peft_model, run) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    run()
+    grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+    peft_model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_micro_batches_hold_at_most_the_budget_and_every_example(tiny):
+    _, tokenizer = tiny
+    examples = _examples(tokenizer, 11)
+    assert micro_batches(examples, 0) == [examples]
+    assert micro_batches(examples, 10_000) == [examples]  # within the budget: as it was
+    for budget in (1, 20, 37, 60):
+        parts = micro_batches(examples, budget)
+        assert sorted(map(id, sum(parts, []))) == sorted(map(id, examples))
+        for part in parts:
+            width = max(len(e) for e in part)
+            assert width * len(part) <= budget or len(part) == 1
+    assert len(micro_batches(examples, 1)) == len(examples)
+
+
+def test_gradients_accumulated_in_parts_equal_the_whole_batch_gradient(tiny):
+    model, tokenizer = tiny
+    examples = _examples(tokenizer)
+    assert len(micro_batches(examples, 40)) >= 3
+    with _lora(model) as peft_model:
+        peft_model.train()
+        base = peft_model.get_base_model()
+        pad = tokenizer.pad_token_id
+        whole = _gradients(peft_model, lambda: accumulate_gradients(base, examples, pad))
+        parts = _gradients(peft_model, lambda: accumulate_gradients(base, examples, pad, 40))
+    assert len(whole) == 2 * 2 * 7 and all(g.abs().sum() > 0 for g in whole.values())
+    for name in whole:  # float32 sums in another order: equal to ~1e-6 of the largest entry
+        scale = whole[name].abs().max().item()
+        torch.testing.assert_close(parts[name], whole[name], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_training_in_parts_gives_the_weights_of_whole_batches(tiny, toy_task):
+    model, tokenizer = tiny
+    config = dataclasses.replace(QUICK, dropout=0.0, steps=3, eval_every=3, eval_examples=4)
+    whole, whole_result = train_expert(model, tokenizer, [toy_task], "w", config,
+                                       show_progress=False)
+    parted, result = train_expert(model, tokenizer, [toy_task], "p",
+                                  dataclasses.replace(config, micro_batch_tokens=16),
+                                  show_progress=False)
+    assert whole_result.memory.micro_batch_tokens == 0 and result.memory.micro_batch_tokens == 16
+    assert parted.info.training["memory"]["micro_batch_tokens"] == 16
+    assert result.tokens == whole_result.tokens
+    for key in whole.weights:
+        torch.testing.assert_close(parted.weights[key], whole.weights[key], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpointing_keeps_the_gradients_and_leaves_the_model_as_found(tiny):
+    model, tokenizer = tiny
+    examples = _examples(tokenizer)
+    forwards = []
+    with _lora(model, dropout=0.2) as peft_model:  # dropout: the recompute must replay masks
+        peft_model.train()
+        base = peft_model.get_base_model()
+        hook = base.model.layers[0].mlp.register_forward_pre_hook(lambda *_: forwards.append(1))
+        plain = _gradients(peft_model,
+                           lambda: accumulate_gradients(base, examples, tokenizer.pad_token_id))
+        with gradient_checkpointing(model):
+            checkpointed = _gradients(
+                peft_model, lambda: accumulate_gradients(base, examples, tokenizer.pad_token_id))
+        hook.remove()
+    assert len(forwards) == 1 + 2  # the checkpointed layer ran again in the backward pass
+    assert plain.keys() == checkpointed.keys() and len(plain) == 2 * 2 * 7
+    for name in plain:
+        scale = plain[name].abs().max().item()
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-5 * scale)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert not getattr(model, "_require_grads_hooks", None)
+    assert not model.get_input_embeddings()._forward_hooks
+
+
+def test_auto_memory_plan_splits_then_checkpoints_as_memory_shrinks(tiny, monkeypatch):
+    model, tokenizer = tiny
+    examples = _examples(tokenizer)
+    widest = max(len(e) for e in examples)
+    config = dataclasses.replace(QUICK, batch_size=8)
+    share = sum(len(e) - e.n_prompt for e in examples) / sum(len(e) for e in examples)
+    per_token = training.activation_bytes_per_token(model, False, share)
+    assert per_token > training.activation_bytes_per_token(model, True, share)
+
+    def plan_with(free_bytes, **overrides):
+        monkeypatch.setattr(training, "available_memory", lambda device: int(free_bytes))
+        return plan_memory(model, examples, dataclasses.replace(config, **overrides))
+
+    plenty = plan_with(1e12)
+    assert (plenty.micro_batch_tokens, plenty.gradient_checkpointing) == (0, False)
+    rows = plan_with(2 * 3 * widest * per_token)  # half the free memory: about 3 rows
+    assert widest <= rows.micro_batch_tokens < 8 * widest and not rows.gradient_checkpointing
+    tight = plan_with(widest * per_token)  # one row would not fit without checkpointing
+    assert tight.gradient_checkpointing and tight.micro_batch_tokens >= widest
+    assert plan_with(1e12, gradient_checkpointing="on").gradient_checkpointing
+    assert not plan_with(1, gradient_checkpointing="off").gradient_checkpointing
+    assert plan_with(1, micro_batch_tokens=100).micro_batch_tokens == 100
+    # a resumed run keeps the choices it started with, whatever is free now
+    resumed = plan_memory(model, examples, config, previous=dataclasses.asdict(rows))
+    assert resumed.micro_batch_tokens == rows.micro_batch_tokens
+
+
+def test_a_run_resumes_with_other_memory_settings(tiny, toy_task, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    library = new_library(tmp_path / "lib", model)
+    config = dataclasses.replace(QUICK, steps=4, eval_every=2, eval_examples=4)
+    monkeypatch.setattr(training, "_lr_factor", _crash_after(2))
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(model, tokenizer, [toy_task], "x", config,
+                     run_state=library.run_state("x"), show_progress=False)
+    monkeypatch.undo()
+    _, result = train_expert(model, tokenizer, [toy_task], "x",
+                             dataclasses.replace(config, micro_batch_tokens=20,
+                                                 gradient_checkpointing="on"),
+                             run_state=library.run_state("x"), show_progress=False)
+    assert result.steps == 4 and result.history[0]["step"] == 2  # resumed, not restarted
+    assert result.memory.micro_batch_tokens == 20 and result.memory.gradient_checkpointing

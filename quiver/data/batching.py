@@ -84,3 +84,25 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
         labels[row, example.n_prompt : len(ids)] = ids[example.n_prompt :]
         attention_mask[row, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def micro_batches(
+    examples: list[TokenizedExample], max_tokens: int
+) -> list[list[TokenizedExample]]:
+    """Split a batch so that each part holds at most `max_tokens` padded tokens (rows x width).
+
+    Gradient accumulation over the parts gives the gradient of the whole batch while holding
+    the activations of one part only. A batch within the budget (or `max_tokens` 0) stays one
+    part, in its order. Otherwise rows are taken longest first, so each part is padded to its
+    own, shorter width; a row longer than the budget is a part of its own.
+    """
+    width = max(len(e) for e in examples)
+    if max_tokens <= 0 or width * len(examples) <= max_tokens:
+        return [examples]
+    parts: list[list[TokenizedExample]] = []
+    for example in sorted(examples, key=len, reverse=True):
+        if parts and len(parts[-1][0]) * (len(parts[-1]) + 1) <= max_tokens:
+            parts[-1].append(example)  # the part's first row is its widest
+        else:
+            parts.append([example])
+    return parts
