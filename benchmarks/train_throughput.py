@@ -15,18 +15,30 @@ Variants:
 
 Usage:  .venv/bin/python benchmarks/train_throughput.py [--per-task 48] [--variants ...]
 Writes benchmarks/results/train_throughput.json and .md
+
+--memory: batch 16 x 512 tokens (long bigbench:logic_grid_puzzle examples, fp32), whole and
+in parts (`micro_batch_tokens`), with and without gradient checkpointing, and quiver's `auto`
+choice; each run in its own process, the variants in rounds, alternating order, so that a
+shared CPU's drift falls on all of them. Writes results/train_throughput_memory.json and .md
+
+--parallel: two trainings at once in two processes with 1 thread each, against the same two
+one after the other with 2 threads (what `quiver build --workers 2` does against
+`--workers 1`), rounds in alternating order. Writes results/train_throughput_parallel.*
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import random
 import resource
 import subprocess
 import sys
 import time
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 import torch
@@ -39,6 +51,15 @@ TASKS = [
 ]
 VARIANTS = ["peft-baseline", "grouped-only", "quiver", "quiver-bf16", "quiver-compile"]
 RESULTS = Path(__file__).parent / "results"
+LONG_TASK, LONG_BATCH, LONG_LENGTH = "bigbench:logic_grid_puzzle", 16, 512
+WHOLE = LONG_BATCH * LONG_LENGTH  # a part this big is the whole batch
+MEMORY_VARIANTS = {  # TrainConfig settings of each --memory variant
+    "whole": {"micro_batch_tokens": WHOLE, "gradient_checkpointing": "off"},
+    "parts-2048": {"micro_batch_tokens": 2048, "gradient_checkpointing": "off"},
+    "parts-512": {"micro_batch_tokens": 512, "gradient_checkpointing": "off"},
+    "checkpointing": {"micro_batch_tokens": WHOLE, "gradient_checkpointing": "on"},
+    "auto": {"micro_batch_tokens": 0, "gradient_checkpointing": "auto"},
+}
 
 
 def _task(per_task: int):
@@ -126,33 +147,232 @@ def _plain_loop(model, tokenizer, task, config, grouped: bool) -> tuple[int, flo
     return tokens, seconds, len(batches)
 
 
+# ------------------------------------------------------------------ --memory: 16 x 512
+def run_memory_variant(variant: str, args) -> dict:
+    """Train `args.steps` steps of 16 x 512 tokens with one variant's memory settings."""
+    from quiver.data import SplitConfig, Task, load_task
+    from quiver.data.batching import tokenize_example
+    from quiver.models import load_base
+    from quiver.training import (
+        TrainConfig,
+        activation_bytes_per_token,
+        available_memory,
+        train_expert,
+    )
+
+    model, tokenizer = load_base("smollm2-135m", device="cpu", dtype=torch.float32)
+    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    config = TrainConfig(epochs=1.0, batch_size=LONG_BATCH, max_length=LONG_LENGTH,
+                         eval_every=10_000, eval_examples=1, max_train=LONG_BATCH * args.steps,
+                         seed=0, **MEMORY_VARIANTS[variant])
+    task = load_task(LONG_TASK)  # only examples of at least 512 tokens: every batch is 16 x 512
+    long = [e for e in task.split("train", SplitConfig())
+            if len(tokenize_example(tokenizer, e, 10_000)) >= LONG_LENGTH]
+    part = min(config.micro_batch_tokens or WHOLE, WHOLE)
+    needs = part * activation_bytes_per_token(model, config.gradient_checkpointing == "on", 0.05)
+    if needs > 0.8 * available_memory("cpu"):  # would swap or be killed, taking others along
+        return {"variant": variant, "error": f"skipped: needs ~{needs / 2**30:.0f} GiB, "
+                                             f"{available_memory('cpu') / 2**30:.0f} GiB free"}
+    _, result = train_expert(model, tokenizer, [Task("logic-long", long, kind="gen")], "bench",
+                             config, show_progress=False)
+    return {
+        "variant": variant,
+        "plan": result.memory.describe().split(" (")[0],
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "seconds": round(result.seconds, 2),
+        "tokens_per_second": round(result.tokens / result.seconds, 2),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "rss_after_load_mib": round(rss_after_load),
+    }
+
+
+def _memory_benchmark(args) -> None:
+    """Each variant once per round, in its own process; reversed order every other round."""
+    variants = args.variants if args.variants != VARIANTS else list(MEMORY_VARIANTS)
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for round_ in range(args.rounds):
+        for variant in variants if round_ % 2 == 0 else variants[::-1]:
+            runs[variant].append(_in_subprocess(["--memory", "--one", variant, "--steps",
+                                                 str(args.steps)], args.timeout))
+    rows = [_pool(variant, done) for variant, done in runs.items()]
+    _write_memory(rows, args)
+
+
+def _pool(variant: str, runs: list[dict]) -> dict:
+    """One row per variant: tokens/s over all its rounds, the highest peak RSS."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"variant": variant, "error": runs[0]["error"]}
+    tokens, seconds = sum(r["tokens"] for r in ok), sum(r["seconds"] for r in ok)
+    return {"variant": variant, "plan": ok[0]["plan"], "rounds": len(ok),
+            "steps": sum(r["steps"] for r in ok), "tokens": tokens, "seconds": round(seconds, 1),
+            "tokens_per_second": round(tokens / seconds, 2),
+            "per_round_tokens_per_second": [r["tokens_per_second"] for r in ok],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in ok),
+            "rss_after_load_mib": ok[0]["rss_after_load_mib"]}
+
+
+def _write_memory(rows: list[dict], args) -> None:
+    reference = next((r for r in rows if r["variant"] == "whole" and "error" not in r),
+                     next((r for r in rows if r["variant"] == "parts-2048"), None))
+    record = {**_provenance(), "task": LONG_TASK, "batch": f"{LONG_BATCH} x {LONG_LENGTH}",
+              "steps_per_round": args.steps, "rounds": args.rounds,
+              "reference": reference and reference["variant"], "rows": rows}
+    (RESULTS / "train_throughput_memory.json").write_text(json.dumps(record, indent=2))
+    lines = [
+        "# Training memory: batch 16 x 512 (CPU)", "",
+        f"`{record['command']}` at commit `{record['commit']}`, {record['machine']}, "
+        f"torch {torch.__version__}.",
+        f"SmolLM2-135M-Instruct in fp32, LoRA r=4 on 7 modules, {args.steps} step(s) of 16 "
+        f"examples x 512 tokens of {LONG_TASK} per round, {args.rounds} rounds in alternating "
+        f"order, each run in its own process. Ratios against `{record['reference']}`.", "",
+        "| variant | runs as | tokens/s | per round | vs reference | peak RSS (MiB) |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['error']} | | | | |")
+            continue
+        ratio = r["tokens_per_second"] / reference["tokens_per_second"] if reference else math.nan
+        rounds = ", ".join(f"{x:.1f}" for x in r["per_round_tokens_per_second"])
+        lines.append(f"| {r['variant']} | {r['plan']} | {r['tokens_per_second']:.1f} | {rounds} "
+                     f"| {ratio:.2f}x | {r['peak_rss_mib']} |")
+    (RESULTS / "train_throughput_memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------- --parallel: two trainings at once
+def run_job(seed: int, threads: int, args) -> dict:
+    """One training of the pooled benchmark task with `threads` CPU threads."""
+    torch.set_num_threads(threads)
+    from quiver.models import load_base
+    from quiver.training import train_expert
+
+    model, tokenizer = load_base("smollm2-135m", device="cpu", dtype=torch.float32)
+    _, result = train_expert(model, tokenizer, [_task(args.per_task)], "bench",
+                             _config(args, seed=seed), show_progress=False)
+    return {"seed": seed, "threads": threads, "tokens": result.tokens,
+            "seconds": round(result.seconds, 2)}
+
+
+def _parallel_benchmark(args) -> None:
+    """The same two trainings one after the other (2 threads) and at once (1 thread each)."""
+    ways = {"one after the other, 2 threads": False, "two at once, 1 thread each": True}
+    runs: dict[str, list[dict]] = {way: [] for way in ways}
+    for round_ in range(args.rounds):
+        for way in list(ways) if round_ % 2 == 0 else list(ways)[::-1]:
+            runs[way].append(_two_jobs(ways[way], args))
+            print(way, runs[way][-1], flush=True)
+    rows = []
+    for way, done in runs.items():
+        tokens = sum(r["tokens"] for r in done)
+        rows.append({"way": way, "rounds": len(done), "tokens": tokens,
+                     "wall_seconds": round(sum(r["wall"] for r in done), 1),
+                     "tokens_per_second": round(tokens / sum(r["wall"] for r in done), 1),
+                     "loop_tokens_per_second": round(tokens / sum(r["loop"] for r in done), 1),
+                     "per_round_tokens_per_second": [round(r["tokens"] / r["wall"], 1)
+                                                     for r in done]})
+    _write_parallel(rows, args)
+
+
+def _two_jobs(at_once: bool, args) -> dict:
+    """Wall time and tokens of the two trainings (seeds 0 and 1), model loading included."""
+    threads = 1 if at_once else 2
+    started = time.perf_counter()
+    if at_once:
+        with ThreadPool(2) as pool:
+            jobs = pool.map(lambda seed: _job_process(seed, threads, args), [0, 1])
+    else:
+        jobs = [_job_process(seed, threads, args) for seed in (0, 1)]
+    wall = time.perf_counter() - started
+    seconds = [j["seconds"] for j in jobs]
+    return {"tokens": sum(j["tokens"] for j in jobs), "wall": wall,
+            "loop": max(seconds) if at_once else sum(seconds)}
+
+
+def _job_process(seed: int, threads: int, args) -> dict:
+    extra = ["--job", str(seed), "--threads", str(threads), "--per-task", str(args.per_task)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    result = _in_subprocess(extra, args.timeout, env)
+    if "error" in result:
+        raise RuntimeError(f"job {seed} failed: {result['error']}")
+    return result
+
+
+def _write_parallel(rows: list[dict], args) -> None:
+    record = {**_provenance(), "tasks": TASKS, "per_task": args.per_task, "rounds": args.rounds,
+              "rows": rows}
+    (RESULTS / "train_throughput_parallel.json").write_text(json.dumps(record, indent=2))
+    first = rows[0]["tokens_per_second"]
+    lines = [
+        "# Two trainings at once (CPU)", "",
+        f"`{record['command']}` at commit `{record['commit']}`, {record['machine']}, "
+        f"torch {torch.__version__}.",
+        f"Two trainings (seeds 0 and 1) of SmolLM2-135M-Instruct, fp32, LoRA r=4, batch 8, max "
+        f"length 256, one epoch over {args.per_task} examples of each of {', '.join(TASKS)}; "
+        f"{args.rounds} rounds in alternating order. Aggregate tokens/s over the wall time of "
+        "both, model loading included; `in loop` counts step time only.", "",
+        "| way | tokens/s | in loop | per round | vs one after the other |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        rounds = ", ".join(f"{x:.0f}" for x in r["per_round_tokens_per_second"])
+        lines.append(f"| {r['way']} | {r['tokens_per_second']:.0f} | "
+                     f"{r['loop_tokens_per_second']:.0f} | {rounds} | "
+                     f"{r['tokens_per_second'] / first:.2f}x |")
+    (RESULTS / "train_throughput_parallel.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------- running
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-task", type=int, default=48)
     parser.add_argument("--variants", nargs="*", default=VARIANTS)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per variant")
+    parser.add_argument("--memory", action="store_true", help="16 x 512: parts, checkpointing")
+    parser.add_argument("--parallel", action="store_true", help="two trainings at once or not")
+    parser.add_argument("--steps", type=int, default=1, help="--memory: steps per run")
+    parser.add_argument("--rounds", type=int, default=2, help="--memory, --parallel: rounds")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    parser.add_argument("--job", type=int, help=argparse.SUPPRESS)  # internal: --parallel job
+    parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        print("RESULT " + json.dumps(run_variant(args.one, args)), flush=True)
+    if args.one or args.job is not None:
+        if args.job is not None:
+            row = run_job(args.job, args.threads, args)
+        else:
+            row = run_memory_variant(args.one, args) if args.memory else run_variant(args.one, args)
+        print("RESULT " + json.dumps(row), flush=True)
         return
-    rows = []
-    for variant in args.variants:
-        command = [sys.executable, __file__, "--one", variant, "--per-task", str(args.per_task)]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            rows.append({"variant": variant, "error": f"not finished in {args.timeout} s"})
-            print(rows[-1], flush=True)
-            continue
-        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{variant} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-            rows.append({"variant": variant, "error": done.stderr.strip().splitlines()[-1:]})
-            continue
-        rows.append(json.loads(line[7:]))
-        print(rows[-1], flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    if args.memory:
+        return _memory_benchmark(args)
+    if args.parallel:
+        return _parallel_benchmark(args)
+    rows = [_in_subprocess(["--one", variant, "--per-task", str(args.per_task)], args.timeout)
+            for variant in args.variants]
     _write(rows, args)
+
+
+def _in_subprocess(extra: list[str], timeout: int, env: dict | None = None) -> dict:
+    """Run this script with `extra` arguments in a fresh process; its RESULT row or an error."""
+    name = extra[extra.index("--one") + 1] if "--one" in extra else f"job {extra}"
+    try:
+        done = subprocess.run([sys.executable, __file__, *extra], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        row = {"variant": name, "error": f"not finished in {timeout} s"}
+        print(row, flush=True)
+        return row
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return {"variant": name, "error": " ".join(done.stderr.strip().splitlines()[-1:])}
+    row = json.loads(line[7:])
+    print(row, flush=True)
+    return row
 
 
 def cpu_name() -> str:
@@ -166,16 +386,20 @@ def cpu_name() -> str:
     return platform.machine()
 
 
-def _write(rows: list[dict], args) -> None:
-    baseline = next((r for r in rows if r["variant"] == "peft-baseline" and "error" not in r), None)
+def _provenance() -> dict:
+    """Command, commit and machine, for every results file."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
     command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
-    record = {"command": command, "commit": commit, "machine": machine,
-              "torch": torch.__version__, "tasks": TASKS, "per_task": args.per_task,
-              "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
+    return {"command": command, "commit": commit, "machine": machine, "torch": torch.__version__,
+            "load_average_at_end": [round(x, 1) for x in os.getloadavg()]}
+
+
+def _write(rows: list[dict], args) -> None:
+    baseline = next((r for r in rows if r["variant"] == "peft-baseline" and "error" not in r), None)
+    record = {**_provenance(), "tasks": TASKS, "per_task": args.per_task, "rows": rows}
+    command, commit, machine = record["command"], record["commit"], record["machine"]
     (RESULTS / "train_throughput.json").write_text(json.dumps(record, indent=2))
     lines = [
         "# Training throughput (CPU)", "",

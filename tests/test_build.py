@@ -364,10 +364,12 @@ def test_local_workers_train_in_parallel_processes_like_one_after_another(tmp_pa
     report = build_library(tasks, two, "tiny-llama", FAST, BuildConfig(workers=2),
                            show_progress=False)
     assert [o.status for o in report.outcomes] == ["skipped", "trained", "skipped"]
-    # each process trains the same weights the sequential build did (seeded, same data)
+    # each process trains the same weights the sequential build did (seeded, same data); a
+    # process's one thread sums in another order than this one's threads, and Adam can
+    # magnify such float noise to a few 1e-6, far below what other data or seeds would move
     for name in ("copy", "upper", "reverse"):
         a, b = Library(one).get(name).weights, Library(two).get(name).weights
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
 
 
 def test_building_sits_below_recipes_and_reports_data_flows_one_way():

@@ -71,8 +71,7 @@ def test_learned_keys_are_stored_in_the_library(tiny, task_library):
         assert vector.norm().item() == pytest.approx(1.0, abs=1e-5)
     quiver.reuse(tiny[0], library, method="phatgoose", tokenizer=tiny[1])
     detach_experts(tiny[0])
-    gates = library.get_derived("river", phatgoose.KIND,
-                                {"steps": 100, "lr": 1e-3, "batch_size": 8, "seed": 0})[0]
+    gates = library.get_derived("river", phatgoose.KIND, phatgoose.gate_config())[0]
     assert len(gates) == 14 and any(g.abs().sum() > 0 for g in gates.values())
 
 

@@ -78,10 +78,15 @@ def train_gates(model, tokenizer, expert, tasks: list[Task], steps: int = 100, l
             parameter.requires_grad_(flag)
 
 
+def gate_config(steps: int = 100, lr: float = 1e-3) -> dict:
+    """The settings under which trained gates are stored in (and found again in) a library."""
+    return {"steps": steps, "lr": lr, "batch_size": 8, "seed": 0, "sample": "steps*batch"}
+
+
 def library_gates(model, tokenizer, library: Library, names: list[str], steps: int = 100,
                   lr: float = 1e-3, task_loader: Callable[[str], Task] = load_task) -> dict:
     """Gates of each named expert, trained once (with `model`) and stored in the library."""
-    config = {"steps": steps, "lr": lr, "batch_size": 8, "seed": 0, "sample": "steps*batch"}
+    config = gate_config(steps, lr)
 
     def compute(name: str) -> dict:
         expert = library.get(name)
