@@ -249,7 +249,8 @@ def run_job(seed: int, threads: int, args) -> dict:
     from quiver.models import load_base
     from quiver.training import train_expert
 
-    model, tokenizer = load_base("smollm2-135m", device="cpu", dtype=torch.float32)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model, tokenizer = load_base("smollm2-135m", device="cpu", dtype=dtype)
     _, result = train_expert(model, tokenizer, [_task(args.per_task)], "bench",
                              _config(args, seed=seed), show_progress=False)
     return {"seed": seed, "threads": threads, "tokens": result.tokens,
@@ -292,7 +293,8 @@ def _two_jobs(at_once: bool, args) -> dict:
 
 
 def _job_process(seed: int, threads: int, args) -> dict:
-    extra = ["--job", str(seed), "--threads", str(threads), "--per-task", str(args.per_task)]
+    extra = ["--job", str(seed), "--threads", str(threads), "--per-task", str(args.per_task),
+             "--dtype", args.dtype]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     result = _in_subprocess(extra, args.timeout, env)
     if "error" in result:
@@ -303,14 +305,16 @@ def _job_process(seed: int, threads: int, args) -> dict:
 def _write_parallel(rows: list[dict], args) -> None:
     record = {**_provenance(), "tasks": TASKS, "per_task": args.per_task, "rounds": args.rounds,
               "rows": rows}
-    (RESULTS / "train_throughput_parallel.json").write_text(json.dumps(record, indent=2))
+    suffix = "" if args.dtype == "fp32" else f"_{args.dtype}"
+    (RESULTS / f"train_throughput_parallel{suffix}.json").write_text(json.dumps(record, indent=2))
     first = rows[0]["tokens_per_second"]
     lines = [
         "# Two trainings at once (CPU)", "",
         f"`{record['command']}` at commit `{record['commit']}`, {record['machine']}, "
         f"torch {torch.__version__}.",
-        f"Two trainings (seeds 0 and 1) of SmolLM2-135M-Instruct, fp32, LoRA r=4, batch 8, max "
-        f"length 256, one epoch over {args.per_task} examples of each of {', '.join(TASKS)}; "
+        f"Two trainings (seeds 0 and 1) of SmolLM2-135M-Instruct, {args.dtype}, LoRA r=4, batch "
+        f"8, max length 256, one epoch over {args.per_task} examples of each of "
+        f"{', '.join(TASKS)}; "
         f"{args.rounds} rounds in alternating order. Aggregate tokens/s over the wall time of "
         "both, model loading included; `in loop` counts step time only.", "",
         "| way | tokens/s | in loop | per round | vs one after the other |",
@@ -321,7 +325,7 @@ def _write_parallel(rows: list[dict], args) -> None:
         lines.append(f"| {r['way']} | {r['tokens_per_second']:.0f} | "
                      f"{r['loop_tokens_per_second']:.0f} | {rounds} | "
                      f"{r['tokens_per_second'] / first:.2f}x |")
-    (RESULTS / "train_throughput_parallel.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"train_throughput_parallel{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -334,6 +338,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="16 x 512: parts, checkpointing")
     parser.add_argument("--parallel", action="store_true", help="two trainings at once or not")
     parser.add_argument("--steps", type=int, default=1, help="--memory: steps per run")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="--parallel")
     parser.add_argument("--rounds", type=int, default=2, help="--memory, --parallel: rounds")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     parser.add_argument("--job", type=int, help=argparse.SUPPRESS)  # internal: --parallel job

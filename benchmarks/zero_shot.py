@@ -100,12 +100,16 @@ BUDGETS = {  # steps are per expert; cluster and shared experts see more tasks, 
     "small": {"tasks": 32, "private_steps": 12, "cluster_steps": 24, "shared_steps": 64,
               "clusters": 6, "held_out": 8, "limit": 40, "gate_steps": 10, "batch": 8,
               "max_length": 192, "dtype": "bf16", "lr": 1e-3, "split": "test"},
-    # medium: the CPU budget (2 cores, about 2 hours); steps, lr and length from the sweep of
-    # benchmarks/budget_sweep.py (results/budget_sweep.md), which never sees these held-out
-    # tasks; 12 held-out tasks x up to 200 examples of all their examples (2,152 in all)
-    "medium": {"tasks": 8, "private_steps": 60, "cluster_steps": 120, "shared_steps": 240,
-               "clusters": 3, "held_out": 12, "limit": 200, "gate_steps": 30, "batch": 8,
-               "max_length": 256, "dtype": "fast", "lr": 5e-4, "split": "all"},
+    # medium: the CPU budget (2 cores, under 2 hours): 6 training tasks, lr 5e-4 and 256
+    # tokens (the 4-expert trial, +4.4 over base at 60 steps, and the sweep of
+    # benchmarks/budget_sweep.py, which never sees these held-out tasks); two trainings and
+    # two evaluations at once at one thread each (1.55-1.8x faster than one with two threads,
+    # results/train_throughput_parallel*.md); 12 held-out tasks x up to 150 of all their
+    # examples (1,703 in all)
+    "medium": {"tasks": 6, "private_steps": 60, "cluster_steps": 80, "shared_steps": 160,
+               "clusters": 3, "held_out": 12, "limit": 150, "gate_steps": 10, "batch": 8,
+               "max_length": 256, "dtype": "fast", "lr": 5e-4, "split": "all",
+               "workers": 2, "cpus_per_job": 1, "eval_workers": 2},
     "full": {"tasks": 32, "private_steps": 200, "cluster_steps": 600, "shared_steps": 1600,
              "clusters": 8, "held_out": 18, "limit": 250, "gate_steps": 100, "batch": 16,
              "max_length": 512, "dtype": "auto", "lr": 5e-4, "split": "all",
@@ -224,7 +228,9 @@ def evaluate_all(run: Path, budget: dict, specs: list[dict], model_and_tokenizer
     missing = [spec for spec in specs if not _cache(run, spec).exists()]
     workers = budget.get("eval_workers", 1)
     if workers > 1 and len(missing) > 1:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        threads = max(1, int(budget.get("cpus_per_job", 1)))  # workers x threads = cores
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             for label in pool.map(evaluate_one, [run] * len(missing), [budget] * len(missing),
                                   missing):
                 print(f"== evaluated {label}", flush=True)

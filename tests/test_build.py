@@ -110,6 +110,20 @@ def test_private_build_trains_one_expert_per_task_and_a_rerun_skips_them(tmp_pat
     assert stored(lib) == before  # same bytes, same creation time: nothing was trained again
 
 
+def test_workers_zero_trains_one_per_core_at_one_thread_on_a_cpu(monkeypatch):
+    from quiver.build import TRAINING_BYTES, local_workers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(training, "available_memory", lambda device: 100 * TRAINING_BYTES)
+    assert local_workers(BuildConfig(), jobs=6, dtype="fp32") == (4, 1.0)
+    assert local_workers(BuildConfig(), jobs=2, dtype="fp32") == (2, 2.0)  # cores shared out
+    assert local_workers(BuildConfig(), jobs=1, dtype="fp32") == (1, 1.0)  # in this process
+    assert local_workers(BuildConfig(workers=3, cpus_per_job=2), jobs=6) == (3, 2)  # as given
+    monkeypatch.setattr(training, "available_memory", lambda device: 2.5 * TRAINING_BYTES)
+    assert local_workers(BuildConfig(), jobs=6, dtype="fp32") == (2, 2.0)  # memory bounds it
+
+
 def test_an_interrupted_build_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
     tasks = some_tasks(tmp_path / "tasks")
     lib = str(tmp_path / "lib")
@@ -123,14 +137,16 @@ def test_an_interrupted_build_resumes_where_it_stopped(tiny, tmp_path, monkeypat
 
     monkeypatch.setattr(training, "_lr_factor", crash_at_the_7th_step)
     with pytest.raises(KeyboardInterrupt):
-        build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(), show_progress=False)
+        build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(workers=1),
+                      show_progress=False)
     assert Library(lib).names() == ["copy"]
     assert Library(lib).run_state("upper").read()[1]["step"] == 2  # saved at its validation
 
     steps_run.clear()
     monkeypatch.setattr(training, "_lr_factor",
                         lambda *args: steps_run.append(args[0]) or real_factor(*args))
-    report = build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(), show_progress=False)
+    report = build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(workers=1),
+                           show_progress=False)
     assert [o.status for o in report.outcomes] == ["skipped", "trained", "trained"]
     assert steps_run == [2, 3, 0, 1, 2, 3]  # upper resumed at step 2, reverse from scratch
     model, tokenizer = tiny
@@ -169,7 +185,8 @@ def test_a_failing_training_is_retried_once_then_reported_and_never_half_written
         real_write(path, data)
 
     monkeypatch.setattr(store, "_write_synced", disk_full_for_upper)
-    report = build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(), show_progress=False)
+    report = build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(workers=1),
+                           show_progress=False)
     outcome = {o.name: o for o in report.outcomes}
     assert outcome["upper"].status == "failed" and outcome["upper"].attempts == 2
     assert "No space left on device" in outcome["upper"].error and len(failures) == 2
@@ -180,7 +197,8 @@ def test_a_failing_training_is_retried_once_then_reported_and_never_half_written
     assert Library(lib).run_state("upper").read() is not None  # the retry resumes from it
 
     monkeypatch.setattr(store, "_write_synced", real_write)  # the disk has room again
-    report = build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(), show_progress=False)
+    report = build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(workers=1),
+                           show_progress=False)
     assert [o.status for o in report.outcomes] == ["skipped", "trained", "skipped"]
     assert Library(lib).run_state("upper").read() is None  # cleared once stored
 
@@ -350,7 +368,7 @@ def test_ray_failed_job_is_retried_once_then_reported(ray_cluster, tmp_path):
 def test_local_workers_train_in_parallel_processes_like_one_after_another(tmp_path):
     tasks = some_tasks(tmp_path / "tasks")
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    build_library(tasks, one, "tiny-llama", FAST, BuildConfig(), show_progress=False)
+    build_library(tasks, one, "tiny-llama", FAST, BuildConfig(workers=1), show_progress=False)
     path = Path(tasks[1].removeprefix("jsonl:"))
     good = path.read_text()
     path.write_text(good + "{not json\n")  # the data breaks after the checks: upper fails
