@@ -114,7 +114,12 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4, help="training tasks (private experts)")
     parser.add_argument("--limit", type=int, default=60, help="examples per sweep task")
     parser.add_argument("--run", default="runs/budget-sweep")
+    parser.add_argument("--settings", nargs="*", metavar="STEPS,LR,TOKENS",
+                        help="run only these settings (default: all); the other rows of the "
+                             "committed results are kept, each with its own machine")
     args = parser.parse_args()
+    settings = ([tuple(t(x) for t, x in zip((int, float, int), item.split(","), strict=True))
+                 for item in args.settings] if args.settings else SETTINGS)
     run = Path(args.run).absolute()
 
     from quiver.evaluation import EvalConfig
@@ -131,52 +136,71 @@ def main() -> None:
                                model_and_tokenizer=model_and_tokenizer)
         base_cache.write_text(json.dumps(_slim(base)))
     base = json.loads(base_cache.read_text())
-    results = []
-    for setting in SETTINGS:  # the table grows as settings finish
-        results.append(run_setting(run, *setting, args, model_and_tokenizer))
-        write(args, base, results)
+    rows = _earlier_rows(settings)
+    for setting in settings:  # the table grows as settings finish
+        rows.append(_row(run_setting(run, *setting, args, model_and_tokenizer), base, args))
+        write(args, rows)
 
 
-def write(args, base: dict, results: list[dict]) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+def _row(result: dict, base: dict, args) -> dict:
+    """A setting's figures as committed: accuracies, paired differences to the base model
+    (bootstrap 95% interval), and where they were measured."""
+    vs_base = {}
+    for label, report in result["reports"].items():
+        samples = bootstrap_average([hits(report), hits(base)])
+        low, high = interval(samples[:, 0] - samples[:, 1])
+        vs_base[label] = [report["average"]["accuracy"] - base["average"]["accuracy"], low, high]
+    return {k: v for k, v in result.items() if k != "reports"} | {
+        "accuracy": {k: v["average"]["accuracy"] for k, v in result["reports"].items()},
+        "vs_base": vs_base, "base_accuracy": base["average"]["accuracy"],
+        "examples": sum(r["examples"] for r in base["tasks"].values()),
+        "dtype": args.dtype, "machine": machine_name(), "commit": _commit()}
+
+
+def _earlier_rows(settings: list[tuple]) -> list[dict]:
+    """The committed rows of settings not run now (a sweep spread over sessions)."""
+    path = RESULTS / "budget_sweep.json"
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())["settings"]
+    return [r for r in rows if (r["steps"], r["lr"], r["max_length"]) not in settings]
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def write(args, rows: list[dict]) -> None:
     command = "python benchmarks/budget_sweep.py " + " ".join(sys.argv[1:])
-    n = sum(r["examples"] for r in base["tasks"].values())
+    rows = sorted(rows, key=lambda r: (r["steps"], -r["lr"], r["max_length"]))
     lines = [
         "# Training-budget sweep for the CPU `medium` zero-shot budget", "",
-        f"`{command}` at commit `{commit}`, {machine_name()}, torch {torch.__version__}.", "",
+        f"Last run: `{command}` at commit `{_commit()}`, {machine_name()}, "
+        f"torch {torch.__version__}; each row says where it was measured.", "",
         f"Private experts on the first {args.tasks} training tasks of `zero_shot.py` "
-        f"(SmolLM2-135M-Instruct in {args.dtype}, LoRA r=4 on all linear layers, batch 8); "
-        f"scored on {len(SWEEP_TASKS)} BIG-bench Hard multiple-choice tasks ({n} examples, at most "
-        f"{args.limit} each, a seeded sample of all their examples), which are not the "
-        "zero-shot table's held-out tasks. Differences to the base model: paired bootstrap, "
-        "95% interval.", "",
-        f"Base model: **{base['average']['accuracy']:.1f}**", "",
-        "| steps | lr | tokens | build (min) | B cosine range | uniform merge | vs base | "
-        "Arrow top-4 | vs base |",
-        "|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "(SmolLM2-135M-Instruct, LoRA r=4 on all linear layers, batch 8); "
+        f"scored on {len(SWEEP_TASKS)} BIG-bench Hard multiple-choice tasks (at most "
+        f"{args.limit} examples each, a seeded sample of all their examples), which are not "
+        "the zero-shot table's held-out tasks. Differences to the base model (scored in the "
+        "same dtype on the same machine): paired bootstrap, 95% interval.", "",
+        "| steps | lr | tokens | dtype, machine | build (min) | B cosine range | base | "
+        "uniform merge | vs base | Arrow top-4 | vs base |",
+        "|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
+    for r in rows:
         cells = []
         for label in ("uniform merge", "Arrow"):
-            report = r["reports"][label]
-            samples = bootstrap_average([hits(report), hits(base)])
-            low, high = interval(samples[:, 0] - samples[:, 1])
-            diff = report["average"]["accuracy"] - base["average"]["accuracy"]
-            cells += [f"{report['average']['accuracy']:.1f}",
-                      f"{diff:+.1f} ({low:+.1f} to {high:+.1f})"]
-        similarity = r["similarity_B"]
-        lines.append(f"| {r['steps']} | {r['lr']:g} | {r['max_length']} | "
-                     f"{r['build_s'] / 60:.1f} | {similarity[0]:.2f} to {similarity[1]:.2f} | "
-                     + " | ".join(cells) + " |")
+            diff, low, high = r["vs_base"][label]
+            cells += [f"{r['accuracy'][label]:.1f}", f"{diff:+.1f} ({low:+.1f} to {high:+.1f})"]
+        low, high = r["similarity_B"]
+        lines.append(f"| {r['steps']} | {r['lr']:g} | {r['max_length']} | {r['dtype']}, "
+                     f"{r['machine']} | {r['build_s'] / 60:.1f} | {low:.2f} to {high:.2f} | "
+                     f"{r['base_accuracy']:.1f} | " + " | ".join(cells) + " |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "budget_sweep.md").write_text("\n".join(lines) + "\n")
-    slim = [{k: v for k, v in r.items() if k != "reports"} | {
-        "accuracy": {k: v["average"]["accuracy"] for k, v in r["reports"].items()}}
-        for r in results]
     (RESULTS / "budget_sweep.json").write_text(json.dumps(
-        {"command": command, "commit": commit, "machine": machine_name(),
-         "sweep_tasks": SWEEP_TASKS, "base": base["average"], "settings": slim}, indent=1))
+        {"command": command, "sweep_tasks": SWEEP_TASKS, "settings": rows}, indent=1))
     print("\n".join(lines))
 
 
