@@ -1,9 +1,11 @@
-"""Building a library from tasks: the strategies (private, shared, MBC, random clusters) and
-the executors that run the trainings (one after another here, or as Ray tasks on a cluster).
+"""Building a library from tasks: the strategies (private, shared, MBC, random clusters, and
+the multi-task adapters Poly and MHR) and the executors that run the trainings (one after
+another here, or as Ray tasks on a cluster).
 
     tasks ──► check ──► jobs (expert name + its tasks) ──► executor ──► library
                          │
-                         └ mbc / random: private experts ──► clusters ──► one job per cluster
+                         ├ mbc / random: private experts ──► clusters ──► one job per cluster
+                         └ poly / mhr: one job, an entry of kind poly with a routing row per task
 
 A job is one expert to train. Every job trains straight into the library through
 `train_into_library`, so a build is resumable for free: an expert already in
@@ -22,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from quiver.adapters import PolyMHRConfig, adapter_from_dict, adapter_to_dict
 from quiver.config import from_dict, to_dict
 from quiver.data import load_task
 from quiver.errors import QuiverError
@@ -30,7 +33,8 @@ from quiver.library.store import check_name
 from quiver.models import fingerprint, linear_module_shapes, load_base
 from quiver.training import TrainConfig, TrainResult, train_expert
 
-STRATEGIES = ("private", "shared", "mbc", "random")
+STRATEGIES = ("private", "shared", "mbc", "random", "poly", "mhr")
+ADAPTER_STRATEGIES = ("poly", "mhr")  # one entry of a multi-task adapter kind, named so
 EXECUTORS = ("local", "ray")
 CLUSTER_RECORDS = {"mbc": "mbc", "random": "random"}  # strategy -> name of its clusters record
 
@@ -41,7 +45,8 @@ class BuildConfig:
 
     strategy: str = field(default="private", metadata={
         "help": "private (an expert per task), shared (one on all tasks), mbc (an expert per "
-                "MBC cluster of the private experts), random (MBC's sizes, random members)"})
+                "MBC cluster of the private experts), random (MBC's sizes, random members), "
+                "poly or mhr (one entry 'poly' / 'mhr': skills routed per task, all tasks)"})
     clusters: int = field(default=0, metadata={
         "help": "mbc, random: the number of clusters K (needed by them, refused by the others)"})
     cluster_seed: int = field(default=0, metadata={
@@ -81,10 +86,12 @@ class BuildConfig:
 
 @dataclass(frozen=True)
 class Job:
-    """One expert to train: its name and the tasks whose pooled data it learns."""
+    """One expert to train: its name and the tasks whose pooled data it learns; `adapter`:
+    what to train instead of a LoRA (`adapter_to_dict` of its config, plain JSON)."""
 
     name: str
     tasks: tuple[str, ...]
+    adapter: dict | None = field(default=None, compare=False, hash=False)
 
 
 @dataclass
@@ -127,8 +134,12 @@ def build_library(
     private_url: str | None = None,
     dtype: str = "auto",
     show_progress: bool = True,
+    adapter: PolyMHRConfig | None = None,
 ) -> BuildReport:
     """Build a library of experts from tasks with one of the strategies of `BuildConfig`.
+
+    poly and mhr train one entry (named `poly` / `mhr`) on all the tasks jointly, with the
+    skills and heads of `adapter` (default `PolyMHRConfig()`; H resolved by the strategy).
 
     Everything that can be checked is checked before any training: the tasks (known, not
     empty, none twice), K, the names the experts will take, the base model of existing
@@ -143,6 +154,13 @@ def build_library(
     """
     tasks = check_tasks(task_names)
     _check_library(library_url, base)
+    if config.strategy in ADAPTER_STRATEGIES:
+        spec = (adapter or PolyMHRConfig()).for_strategy(config.strategy)
+        check_heads(_base_shapes(library_url, base), spec.heads, train_config.target_modules)
+        jobs = [Job(config.strategy, tuple(tasks), adapter_to_dict(spec))]
+        check_jobs(jobs, library_url)
+        outcomes = run_jobs(jobs, library_url, base, train_config, config, dtype, show_progress)
+        return BuildReport(library_url, config.strategy, outcomes)
     if config.strategy in ("private", "shared"):
         jobs = private_jobs(tasks) if config.strategy == "private" else [
             Job(config.shared_name, tuple(tasks))]
@@ -194,8 +212,10 @@ def train_into_library(
     show_progress: bool = True,
     model_and_tokenizer=None,
     dtype: str = "auto",
+    adapter: PolyMHRConfig | None = None,
 ) -> tuple[Expert, TrainResult]:
-    """Train an expert on `task_names` and add it to the library at `library_url`.
+    """Train an expert on `task_names` and add it to the library at `library_url` (with
+    `adapter`, an entry of that kind instead of a LoRA; see `train_expert`).
 
     Everything that can be checked is checked before training starts: the tasks exist and
     have examples, the name is free, the library is for this base model. An interrupted run
@@ -216,7 +236,7 @@ def train_into_library(
     library.ensure_base(base, fingerprint(model), linear_module_shapes(model))
     run_state = library.run_state(name)
     expert, result = train_expert(model, tokenizer, tasks, name, config, run_state=run_state,
-                                  show_progress=show_progress)
+                                  show_progress=show_progress, adapter=adapter)
     added = library.add(expert, overwrite=overwrite)
     run_state.clear()  # only now: a failed add can be retried from the finished run
     return added, result
@@ -258,12 +278,47 @@ def check_jobs(jobs: list[Job], library_url: str) -> None:
         raise QuiverError(f"several experts would be named {twice}")
     library = _open(library_url)
     for job in jobs if library is not None else []:
-        if job.name in library and set(library.get(job.name).info.tasks) != set(job.tasks):
+        if job.name not in library:
+            continue
+        info = library.get(job.name).info
+        if set(info.tasks) != set(job.tasks):
             raise QuiverError(
                 f"expert {job.name!r} in {library_url} was trained on "
-                f"{library.get(job.name).info.tasks}, not {list(job.tasks)}: remove it or "
-                "build into another library"
+                f"{info.tasks}, not {list(job.tasks)}: remove it or build into another library"
             )
+        if _made_as(info) != _made_as(job):
+            raise QuiverError(f"expert {job.name!r} in {library_url} is a {info.kind} adapter "
+                              f"made otherwise ({_made_as(info)}): remove it or build into "
+                              "another library")
+
+
+def _made_as(what: ExpertInfo | Job) -> tuple:
+    """The kind and, for Poly/MHR, skills and heads: what a build must not silently mix up."""
+    if isinstance(what, Job):
+        spec = what.adapter or {}
+        return spec.get("kind", "lora"), spec.get("skills"), spec.get("heads")
+    return what.kind, what.lora.get("skills"), what.lora.get("heads")
+
+
+def check_heads(shapes: dict[str, list[int]], heads: int, target_modules) -> None:
+    """Refuse MHR heads that do not divide the input and output of every adapted layer.
+
+    Raises:
+        QuiverError: the first layer they do not divide.
+    """
+    for module, (fan_in, fan_out) in shapes.items():
+        if module.rsplit(".", 1)[-1] in target_modules and (fan_in % heads or fan_out % heads):
+            raise QuiverError(f"{heads} heads do not divide {module} ({fan_in} -> {fan_out}): "
+                              "choose --heads dividing every adapted layer's sizes")
+
+
+def _base_shapes(library_url: str, base: str) -> dict[str, list[int]]:
+    """The base model's linear layers: the library's record, or else the model's own."""
+    library = _open(library_url)
+    if library is not None and library.base is not None:
+        return library.base["modules"]
+    model, _ = load_base(base, device="cpu")
+    return linear_module_shapes(model)
 
 
 def _check_library(url: str, base: str) -> None:
@@ -325,8 +380,9 @@ def find_private_experts(private_url: str, tasks: list[str]) -> dict[str, str]:
     library = _open(private_url)
     found: dict[str, str] = {}
     for name in library.names() if library is not None else []:
-        trained_on = library.get(name).info.tasks
-        if len(trained_on) == 1 and trained_on[0] in tasks:
+        info = library.get(name).info
+        trained_on = info.tasks
+        if info.kind == "lora" and len(trained_on) == 1 and trained_on[0] in tasks:
             task = trained_on[0]
             if task not in found or name == expert_name(task):
                 found[task] = name
@@ -437,10 +493,12 @@ def train_job(
     train_config: dict,
     dtype: str = "auto",
     model_and_tokenizer=None,
+    adapter: dict | None = None,
 ) -> dict:
     """Train one expert into the library (what every executor runs for a job).
 
-    `train_config` is `to_dict(TrainConfig)`: plain JSON, whatever the executor ships. An
+    `train_config` is `to_dict(TrainConfig)` and `adapter` `adapter_to_dict` of a multi-task
+    adapter's config (None: a LoRA): plain JSON, whatever the executor ships. An
     expert already stored under `name` (a retry after a failure that came after the add, or
     another builder) is described instead of trained again.
 
@@ -451,9 +509,11 @@ def train_job(
     if library is not None and name in library:
         return _summary(library.get(name).info, "exists")
     started = time.perf_counter()
+    spec = adapter_from_dict(adapter) if adapter is not None else None
     _, result = train_into_library(tasks, library_url, name, base,
                                    from_dict(TrainConfig, train_config), show_progress=False,
-                                   model_and_tokenizer=model_and_tokenizer, dtype=dtype)
+                                   model_and_tokenizer=model_and_tokenizer, dtype=dtype,
+                                   adapter=spec)
     return {"status": "trained", "steps": result.steps, "best_valid_loss": result.best_valid_loss,
             "seconds": time.perf_counter() - started}
 
@@ -491,7 +551,7 @@ def _run_locally(pending, library_url, base, train_config, config, dtype) -> Ite
         while len(errors) <= config.retries:
             try:
                 result = train_job(job.name, list(job.tasks), library_url, base,
-                                   to_dict(train_config), dtype, model_and_tokenizer)
+                                   to_dict(train_config), dtype, model_and_tokenizer, job.adapter)
             except Exception as err:  # one failed training must not stop the build
                 errors.append(_describe(err))
                 continue
@@ -518,7 +578,8 @@ def _run_in_processes(pending, library_url, base, train_config, config,
 
             def submit(job: Job):
                 return pool.submit(_process_train_job, job.name, list(job.tasks), library_url,
-                                   base, to_dict(train_config), dtype, config.cpus_per_job)
+                                   base, to_dict(train_config), dtype, config.cpus_per_job,
+                                   job.adapter)
 
             running = {submit(job): job for job in queue}
             queue = []
@@ -545,11 +606,12 @@ def _run_in_processes(pending, library_url, base, train_config, config,
                     yield _outcome(job, result, attempts=len(errors[job.name]) + 1)
 
 
-def _process_train_job(name, tasks, library_url, base, train_config, dtype, cpus) -> dict:
+def _process_train_job(name, tasks, library_url, base, train_config, dtype, cpus,
+                       adapter=None) -> dict:
     import torch
 
     torch.set_num_threads(max(1, int(cpus)))  # workers x threads should match the cores
-    return train_job(name, tasks, library_url, base, train_config, dtype)
+    return train_job(name, tasks, library_url, base, train_config, dtype, adapter=adapter)
 
 
 def _run_on_ray(pending, library_url, base, train_config, config, dtype) -> Iterator[JobOutcome]:
@@ -569,7 +631,7 @@ def _run_on_ray(pending, library_url, base, train_config, config, dtype) -> Iter
 
         def submit(job: Job):
             return remote.remote(job.name, list(job.tasks), library_url, base,
-                                 to_dict(train_config), dtype, config.cpus_per_job)
+                                 to_dict(train_config), dtype, config.cpus_per_job, job.adapter)
 
         running = {submit(job): (job, []) for job in pending}
         while running:
@@ -590,11 +652,12 @@ def _run_on_ray(pending, library_url, base, train_config, config, dtype) -> Iter
             ray.shutdown()
 
 
-def _ray_train_job(name, tasks, library_url, base, train_config, dtype, cpus) -> dict:
+def _ray_train_job(name, tasks, library_url, base, train_config, dtype, cpus,
+                   adapter=None) -> dict:
     import torch
 
     torch.set_num_threads(max(1, int(cpus)))  # stay within the CPUs Ray reserved for the job
-    return train_job(name, tasks, library_url, base, train_config, dtype)
+    return train_job(name, tasks, library_url, base, train_config, dtype, adapter=adapter)
 
 
 def _runtime_env() -> dict:

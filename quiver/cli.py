@@ -110,12 +110,14 @@ def train(
 
 
 # --------------------------------------------------------------------------- build
+from quiver.adapters import PolyMHRConfig  # noqa: E402
 from quiver.build import BuildConfig  # noqa: E402
 
 
 @app.command("build")
 @config_options(TrainConfig)
 @config_options(BuildConfig, param="build_config")
+@config_options(PolyMHRConfig, param="adapter_config")
 def build_command(
     tasks_file: Path = typer.Option(..., help="file with one task name per line"),
     library: str = typer.Option(..., help="the library to build (folder or fsspec URL)"),
@@ -126,8 +128,10 @@ def build_command(
     quiet: bool = typer.Option(False, help="no progress bar"),
     config: TrainConfig = None,
     build_config: BuildConfig = None,
+    adapter_config: PolyMHRConfig = None,
 ) -> None:
-    """Build a library: an expert per task, one shared, or one per (MBC or random) cluster.
+    """Build a library: an expert per task, one shared, one per (MBC or random) cluster, or
+    one Poly / MHR entry trained on every task (skills routed per task).
 
     Experts already in the library are skipped and interrupted trainings resume, so running
     the same command again finishes a build. Exits with 1 if any training failed.
@@ -137,7 +141,7 @@ def build_command(
     from quiver.report import build_table
 
     report = build_library(read_tasks_file(tasks_file), library, base, config, build_config,
-                           private, dtype, not quiet)
+                           private, dtype, not quiet, adapter_config)
     if report.private:
         console.print(build_table(report.private, f"private experts in {private}"))
     if report.outcomes:
@@ -236,7 +240,8 @@ from quiver.evaluation import EvalConfig  # noqa: E402
 @config_options(EvalConfig)
 def eval_command(
     method: str = typer.Option(..., help="base, arrow, uniform, centroid, phatgoose, oracle, "
-                                         "or expert:NAME"),
+                                         "or expert:NAME (a Poly/MHR entry: each task with its "
+                                         "own routing row)"),
     task: list[str] = typer.Option([], "--task", help="task to evaluate; repeatable"),
     tasks_file: Path = typer.Option(None, help="file with one task name per line"),
     library: str = typer.Option(None, help="library folder or fsspec URL"),

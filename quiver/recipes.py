@@ -11,6 +11,7 @@ from quiver.data import TaskInfo, list_bigbench, load_task
 from quiver.data import hf as hf_reader
 from quiver.errors import QuiverError
 from quiver.library import Library
+from quiver.library.expert import require_lora
 from quiver.models import cache_dir, load_base
 
 
@@ -70,6 +71,10 @@ def evaluate_method(
 ) -> dict:
     """Evaluate a base model, one expert, or a routed library on tasks; returns the report.
 
+    `expert:NAME` of a multi-task entry (Poly/MHR) scores each task with that task's own
+    routing row: only its training tasks can be scored (on their held-out test split; `all`,
+    which holds their training examples, only with `allow_seen`).
+
     With `routing_plot` (a path), routed methods also record how often each expert was
     chosen at each layer, save that as a heatmap, and add the counts to the report.
 
@@ -90,11 +95,22 @@ def evaluate_method(
     names = _experts_for(method, library, experts)
     if general and experts is None:  # the general experts are subtracted, not routed
         names = [n for n in names if n not in set(general)]
-    if method != "oracle" and not allow_seen:
+    multitask = _multitask_entry(method, library)
+    if multitask is not None:
+        _check_routing_rows(multitask, [t.name for t in tasks], config.split, allow_seen,
+                            routing_plot)
+    elif method != "oracle" and not allow_seen:
         _check_zero_shot(library, names + list(general or []), [t.name for t in tasks])
     model, tokenizer = model_and_tokenizer or load_base(base, dtype=dtype)
-    before_task = None
-    if method.startswith("expert:"):
+    before_task, adapter = None, None
+    if multitask is not None:
+        from quiver.adapters import load_poly
+        from quiver.reuse import check_same_base
+
+        check_same_base(model, library, names)
+        adapter = load_poly(model, multitask)
+        before_task = lambda task: adapter.set_task(task.name)  # noqa: E731
+    elif method.startswith("expert:"):
         reuse(model, library, method="uniform", experts=names)
     elif method != "base":
         reuse(model, library, method=method, experts=names, top_k=top_k,
@@ -115,7 +131,9 @@ def evaluate_method(
         else:
             report = evaluate(model, tokenizer, tasks, config, before_task, show_progress)
     finally:
-        if method != "base":
+        if adapter is not None:
+            adapter.remove()
+        elif method != "base":
             from quiver.routing import detach_experts
 
             detach_experts(model)
@@ -142,6 +160,29 @@ def _experts_for(method: str, library: Library | None, experts: list[str] | None
     if method not in EVAL_METHODS:
         raise QuiverError(f"unknown method {method!r}: use one of {', '.join(EVAL_METHODS)}")
     return library.names() if experts is None else list(experts)
+
+
+def _multitask_entry(method: str, library: Library | None):
+    """The expert of `expert:NAME` when it is a multi-task adapter (Poly/MHR), else None."""
+    if not method.startswith("expert:"):
+        return None
+    expert = library.get(method.split(":", 1)[1])
+    return expert if expert.info.kind != "lora" else None
+
+
+def _check_routing_rows(expert, task_names: list[str], split: str, allow_seen: bool,
+                        routing_plot) -> None:
+    """A multi-task entry scores only the tasks it has a routing row for, on held-out
+    examples unless `allow_seen`."""
+    missing = [t for t in task_names if t not in expert.info.tasks]
+    if missing:
+        raise QuiverError(f"{expert.info.kind} entry {expert.name!r} has no routing row for "
+                          f"{missing}: it scores only its training tasks {expert.info.tasks}")
+    if split in ("all", "train") and not allow_seen:
+        raise QuiverError(f"split {split!r} holds examples {expert.name!r} was trained on "
+                          "(use test or valid, or pass --allow-seen)")
+    if routing_plot:
+        raise QuiverError(f"a routing plot shows routed experts; {expert.name!r} routes by task")
 
 
 def _check_zero_shot(library: Library | None, names: list[str], task_names: list[str]) -> None:
@@ -224,8 +265,8 @@ def transfer_report(
 
     tasks = [load_task(t) for t in task_names]
     library = Library(library_url)
-    if experts:
-        library.experts(experts)  # a clear error for an unknown name, before loading the model
+    # a clear error for an unknown name or kind, before loading the model
+    require_lora(library.experts(experts or None), "the transfer matrix")
     model, tokenizer = model_and_tokenizer or load_base(base)
     report = transfer_matrix(model, tokenizer, library, tasks, experts or None,
                              config or TransferConfig(), show_progress)

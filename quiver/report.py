@@ -16,11 +16,12 @@ if TYPE_CHECKING:
 
 
 def library_table(library: Library) -> Table:
-    """One row per expert: tasks, rank, training steps, best validation loss, creation time."""
+    """One row per expert: its kind, tasks, rank, training steps, best validation loss,
+    creation time."""
     names = library.names()
     base = library.base
     title = f"{library.url}: {len(names)} experts" + (f" for {base['name']}" if base else "")
-    table = Table("expert", "tasks", "rank", "steps", "valid loss", "source", "created",
+    table = Table("expert", "kind", "tasks", "rank", "steps", "valid loss", "source", "created",
                   title=title)
     for name in names:
         info = library.get(name).info
@@ -28,6 +29,7 @@ def library_table(library: Library) -> Table:
         loss = info.metrics.get("best_valid_loss")
         table.add_row(
             name,
+            _kind(info),
             tasks if len(tasks) < 60 else tasks[:57] + "...",
             str(info.lora.get("r")),
             str(info.training.get("steps_run", "-")),
@@ -36,6 +38,14 @@ def library_table(library: Library) -> Table:
             info.created,
         )
     return table
+
+
+def _kind(info) -> str:
+    """`lora`, or a Poly/MHR entry with its skills S and heads H."""
+    if info.kind != "poly":
+        return info.kind
+    skills, heads = info.lora.get("skills"), info.lora.get("heads", 1)
+    return f"poly (S={skills})" if heads == 1 else f"mhr (S={skills}, H={heads})"
 
 
 def build_table(outcomes: list[JobOutcome], title: str) -> Table:

@@ -18,6 +18,7 @@ from torch import nn
 
 from quiver.errors import QuiverError
 from quiver.library import Library
+from quiver.library.expert import require_lora
 from quiver.models import fingerprint
 from quiver.routing import (
     ArrowRouter,
@@ -63,6 +64,7 @@ def reuse(
         names = [n for n in names if n not in set(general)]
     check_same_base(model, library, names)
     experts_to_attach = library.experts(names)
+    require_lora(experts_to_attach + library.experts(list(general or [])), f"{method} routing")
     if general and method != "arrow":
         raise QuiverError("general-knowledge subtraction is supported with Arrow routing only")
     if method == "arrow" and general:

@@ -1,4 +1,6 @@
-"""Train one LoRA expert on one or more tasks: a plain PyTorch loop, read top to bottom.
+"""Train one LoRA expert on one or more tasks: a plain PyTorch loop, read top to bottom. The
+same loop trains the multi-task adapters of `quiver.adapters` (Poly/MHR: `adapter=`), whose
+layers route each batch row by its task.
 
 What makes it fast on a CPU, compared with a textbook PEFT + transformers loop:
 - the loss is computed on the target tokens only: the decoder runs on the whole sequence,
@@ -27,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +146,7 @@ def target_only_loss(causal_lm: PreTrainedModel, batch: dict[str, torch.Tensor])
     Equal to `causal_lm(**batch).loss` (the full-logits loss) for models whose logits are just
     `lm_head(hidden)`, at a fraction of the cost when prompts are longer than targets.
     """
+    _route_by_task(causal_lm, batch)
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
     hidden = decoder(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
@@ -151,6 +155,13 @@ def target_only_loss(causal_lm: PreTrainedModel, batch: dict[str, torch.Tensor])
     keep = labels != IGNORE_INDEX  # (batch, time - 1)
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])  # (targets, vocab)
     return F.cross_entropy(logits.float(), labels[keep])
+
+
+def _route_by_task(causal_lm: PreTrainedModel, batch: dict[str, torch.Tensor]) -> None:
+    """Tell a multi-task adapter (`quiver.adapters`) the task of each row of the batch."""
+    routing = getattr(causal_lm, "quiver_task_routing", None)
+    if routing is not None and "task_ids" in batch:
+        routing.task_ids = batch["task_ids"]
 
 
 def accumulate_gradients(
@@ -184,6 +195,43 @@ def accumulate_gradients(
     return loss_sum, tokens
 
 
+class TrainableAdapter(Protocol):
+    """An adapter attached to a model for training: what the loop needs of it. A LoRA through
+    PEFT (`_LoraAdapter`) or a multi-task adapter of `quiver.adapters`."""
+
+    kind: str
+    causal_lm: PreTrainedModel  # the model whose forward includes the adapter
+
+    def param_groups(self, config: TrainConfig) -> list[dict]:
+        """AdamW groups, each with its own `peak_lr` (scaled by the schedule every step)."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the trainable weights (what runs save and `load_weights` takes)."""
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None: ...
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
+
+    def stored(self, weights: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+        """(PEFT adapter config, PEFT state dict, `ExpertInfo.lora`) of `weights`."""
+
+    def remove(self) -> None:
+        """Take the adapter off, leaving the base model as it was."""
+
+
+class AdapterSpec(Protocol):
+    """A kind of adapter to train instead of a LoRA (e.g. `quiver.adapters.PolyMHRConfig`):
+    a config dataclass that attaches fresh weights for some tasks."""
+
+    @property
+    def kind(self) -> str: ...
+
+    def attach(self, model: PreTrainedModel, task_names: list[str],
+               config: TrainConfig) -> TrainableAdapter: ...
+
+
 def train_expert(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -192,15 +240,18 @@ def train_expert(
     config: TrainConfig = TrainConfig(),
     run_state: RunState | None = None,
     show_progress: bool = True,
+    adapter: AdapterSpec | None = None,
 ) -> tuple[Expert, TrainResult]:
-    """Train a LoRA expert on the pooled training data of `tasks`.
+    """Train a LoRA expert on the pooled training data of `tasks`, or with `adapter`, an
+    adapter of that kind (Poly/MHR: one routing row per task, in the order of `tasks`).
 
-    The base model is left as it was (the LoRA layers are removed afterwards).
+    The base model is left as it was (the adapter's layers are removed afterwards).
 
     Args:
         run_state: where to save resumable state (`Library.run_state(name)`); a run found
             there with the same config and tasks resumes, one with another config is an error.
             The caller clears it once the expert is safely stored.
+        adapter: what to train instead of a LoRA; None trains a LoRA.
 
     Raises:
         QuiverError: a task with no training examples, target modules the model lacks, or a
@@ -212,26 +263,30 @@ def train_expert(
     device = next(model.parameters()).device
     _return_freed_memory()
     what = {k: v for k, v in to_dict(config).items() if k not in MEMORY_FIELDS}
-    run_key = stable_hash({"config": what, "tasks": [t.name for t in tasks]})
+    key = {"config": what, "tasks": [t.name for t in tasks]}
+    if adapter is not None:  # only then: the keys of LoRA runs saved before stay the same
+        key["adapter"] = {"kind": adapter.kind, **to_dict(adapter)}
+    run_key = stable_hash(key)
     steps = config.steps
     if config.epochs > 0:
         steps = max(1, math.ceil(config.epochs * len(train_set) / config.batch_size))
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
         torch.manual_seed(config.seed)
-        peft_model = _wrap_with_lora(model, config)
+        trainer = (adapter.attach(model, [t.name for t in tasks], config) if adapter is not None
+                   else _LoraAdapter(model, config))
         try:
-            trainable = [p for p in peft_model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+            optimizer = torch.optim.AdamW(trainer.param_groups(config), lr=config.lr,
+                                          weight_decay=config.weight_decay)
             state = _Progress()
             if run_state is not None:
-                _resume(run_state, run_key, peft_model, optimizer, state)
+                _resume(run_state, run_key, trainer, optimizer, state)
             plan = plan_memory(model, train_set, config, previous=state.memory)
             state.memory = asdict(plan)
             batches = _batch_plan(train_set, config, steps)
             with gradient_checkpointing(model, plan.gradient_checkpointing):
                 _loop(
-                    peft_model,
+                    trainer,
                     tokenizer,
                     optimizer,
                     batches,
@@ -245,26 +300,22 @@ def train_expert(
                     show_progress,
                     plan,
                 )
-            weights = state.best_weights or _lora_weights(peft_model)
-            adapter_config = _adapter_config(peft_model, model)
+            adapter_config, weights, lora = trainer.stored(state.best_weights
+                                                           or trainer.weights())
         finally:
-            peft_model.unload()  # restore the plain base model for the caller
+            trainer.remove()  # restore the plain base model for the caller
 
     info = ExpertInfo(
         name=name,
         tasks=[t.name for t in tasks],
         base_model=model.config._name_or_path,
         base_fingerprint=fingerprint(model),
-        lora={
-            "r": config.rank,
-            "lora_alpha": config.alpha,
-            "lora_dropout": config.dropout,
-            "target_modules": list(config.target_modules),
-        },
+        lora=lora,
         training={**to_dict(config), "steps_run": steps, "train_examples": len(train_set),
                   "memory": state.memory},
         metrics={"best_valid_loss": state.best_loss, "best_step": state.best_step},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        kind=trainer.kind,
     )
     result = TrainResult(
         steps, state.tokens, state.seconds, state.best_step, state.best_loss, state.history, plan
@@ -286,7 +337,7 @@ class _Progress:
 
 
 def _loop(
-    peft_model,
+    trainer: TrainableAdapter,
     tokenizer,
     optimizer,
     batches,
@@ -308,13 +359,13 @@ def _loop(
         bar.advance(state.step)
         bar.note(plan.describe())  # until the first validation replaces it
         while state.step < steps:
-            peft_model.train()
+            trainer.train()
             torch.manual_seed(config.seed * 1_000_003 + state.step)  # dropout: resumable
             started = time.perf_counter()
-            lr = config.lr * _lr_factor(state.step, steps, warmup)
+            factor = _lr_factor(state.step, steps, warmup)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, tokens = accumulate_gradients(peft_model.get_base_model(), batches[state.step],
+                group["lr"] = group["peak_lr"] * factor
+            loss, tokens = accumulate_gradients(trainer.causal_lm, batches[state.step],
                                                 tokenizer.pad_token_id, plan.micro_batch_tokens,
                                                 device)
             optimizer.step()
@@ -324,16 +375,16 @@ def _loop(
             state.seconds += time.perf_counter() - started
             bar.update(loss=loss, tokens_per_second=state.tokens / state.seconds)
             if state.step % config.eval_every == 0 or state.step == steps:
-                valid_loss = _validate(peft_model, valid_set, tokenizer, config, device)
+                valid_loss = _validate(trainer, valid_set, tokenizer, config, device)
                 state.history.append(
                     {"step": state.step, "train_loss": loss, "valid_loss": valid_loss}
                 )
                 if valid_loss < state.best_loss:
                     state.best_loss, state.best_step = valid_loss, state.step
-                    state.best_weights = _lora_weights(peft_model)
+                    state.best_weights = trainer.weights()
                 bar.note(f"valid loss {valid_loss:.3f} (best {state.best_loss:.3f})")
                 if run_state is not None and state.step < steps:
-                    _save(run_state, run_key, peft_model, optimizer, state)
+                    _save(run_state, run_key, trainer, optimizer, state)
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -343,10 +394,10 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
     return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
-def _validate(peft_model, valid_set, tokenizer, config, device) -> float:
+def _validate(trainer, valid_set, tokenizer, config, device) -> float:
     """Token-weighted mean target loss over the validation examples (no dropout)."""
-    peft_model.eval()
-    return mean_target_loss(peft_model.get_base_model(), valid_set, tokenizer.pad_token_id,
+    trainer.eval()
+    return mean_target_loss(trainer.causal_lm, valid_set, tokenizer.pad_token_id,
                             config.batch_size * 2, device)
 
 
@@ -532,14 +583,13 @@ _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 def _tokenized_splits(tokenizer, tasks, config) -> tuple[list, list]:
     split = config.split_config()
     train, valid = [], []
-    for task in tasks:
+    for index, task in enumerate(tasks):  # the index: the task's routing row (Poly/MHR)
         task_train = task.split("train", split)
         if not task_train:
             raise QuiverError(f"task {task.name!r} has no training examples")
-        train += [tokenize_example(tokenizer, e, config.max_length) for e in task_train]
-        valid += [
-            tokenize_example(tokenizer, e, config.max_length) for e in task.split("valid", split)
-        ]
+        train += [tokenize_example(tokenizer, e, config.max_length, index) for e in task_train]
+        valid += [tokenize_example(tokenizer, e, config.max_length, index)
+                  for e in task.split("valid", split)]
     if len(valid) > config.eval_examples:  # an even, seeded sample across tasks
         step = len(valid) / config.eval_examples
         valid = [valid[int(i * step)] for i in range(config.eval_examples)]
@@ -568,6 +618,42 @@ class _LazyBatches:
 
     def __len__(self) -> int:
         return len(self._plan)
+
+
+class _LoraAdapter:
+    """A LoRA through PEFT, as the loop trains it (`TrainableAdapter`)."""
+
+    kind = "lora"
+
+    def __init__(self, model: PreTrainedModel, config: TrainConfig) -> None:
+        self._model, self._config = model, config
+        self.peft_model = _wrap_with_lora(model, config)
+        self.causal_lm = self.peft_model.get_base_model()
+
+    def param_groups(self, config: TrainConfig) -> list[dict]:
+        trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
+        return [{"params": trainable, "peak_lr": config.lr}]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return _lora_weights(self.peft_model)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        set_peft_model_state_dict(self.peft_model, weights)
+
+    def train(self) -> None:
+        self.peft_model.train()
+
+    def eval(self) -> None:
+        self.peft_model.eval()
+
+    def stored(self, weights: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+        lora = {"r": self._config.rank, "lora_alpha": self._config.alpha,
+                "lora_dropout": self._config.dropout,
+                "target_modules": list(self._config.target_modules)}
+        return _adapter_config(self.peft_model, self._model), weights, lora
+
+    def remove(self) -> None:
+        self.peft_model.unload()
 
 
 def _wrap_with_lora(model, config: TrainConfig):
@@ -602,8 +688,8 @@ def _adapter_config(peft_model, model) -> dict:
 
 
 # --------------------------------------------------------------------- resume / save
-def _save(run_state: RunState, run_key, peft_model, optimizer, state: _Progress) -> None:
-    tensors = {f"lora.{k}": v for k, v in _lora_weights(peft_model).items()}
+def _save(run_state: RunState, run_key, trainer, optimizer, state: _Progress) -> None:
+    tensors = {f"lora.{k}": v for k, v in trainer.weights().items()}  # any kind: "lora." kept
     if state.best_weights is not None:
         tensors.update({f"best.{k}": v for k, v in state.best_weights.items()})
     for index, slots in optimizer.state_dict()["state"].items():
@@ -622,7 +708,7 @@ def _save(run_state: RunState, run_key, peft_model, optimizer, state: _Progress)
     run_state.write(tensors, meta)
 
 
-def _resume(run_state: RunState, run_key, peft_model, optimizer, state: _Progress) -> None:
+def _resume(run_state: RunState, run_key, trainer, optimizer, state: _Progress) -> None:
     saved = run_state.read()
     if saved is None:
         return
@@ -632,9 +718,7 @@ def _resume(run_state: RunState, run_key, peft_model, optimizer, state: _Progres
             "a saved run for this expert was started with another config or other tasks; "
             "remove it (or train under another name) to start over"
         )
-    set_peft_model_state_dict(
-        peft_model, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")}
-    )
+    trainer.load_weights({k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
     adam: dict[int, dict] = {}
     for key, value in tensors.items():

@@ -48,11 +48,10 @@ def test_the_best_checkpoint_is_kept(tiny, toy_task, monkeypatch):
     model, tokenizer = tiny
     scripted = iter([3.0, 1.0, 2.0])  # validation losses at steps 2, 4, 6
     snapshots = {}
-    real_lora_weights = training._lora_weights
 
-    def fake_validate(peft_model, *args):
+    def fake_validate(trainer, *args):  # trainer: the loop's TrainableAdapter
         loss = next(scripted)
-        snapshots[loss] = real_lora_weights(peft_model)
+        snapshots[loss] = trainer.weights()
         return loss
 
     monkeypatch.setattr(training, "_validate", fake_validate)

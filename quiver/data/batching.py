@@ -22,10 +22,12 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """Token ids of prompt + target; the first `n_prompt` carry no loss."""
+    """Token ids of prompt + target; the first `n_prompt` carry no loss. `task`: the index of
+    its task among those trained together (a multi-task adapter routes by it)."""
 
     input_ids: tuple[int, ...]
     n_prompt: int
+    task: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -42,7 +44,7 @@ def split_trailing_space(prompt: str, target: str) -> tuple[str, str]:
 
 
 def tokenize_example(
-    tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int
+    tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int, task: int = 0
 ) -> TokenizedExample:
     """Tokenise for training; over-long examples lose the start of the prompt, not the target."""
     prompt, target = split_trailing_space(example.prompt, example.target)
@@ -53,7 +55,7 @@ def tokenize_example(
         prompt_ids = [tokenizer.bos_token_id or tokenizer.eos_token_id]
     target_ids = target_ids[: max_length - 1]
     prompt_ids = prompt_ids[-(max_length - len(target_ids)) :]
-    return TokenizedExample(tuple(prompt_ids + target_ids), len(prompt_ids))
+    return TokenizedExample(tuple(prompt_ids + target_ids), len(prompt_ids), task)
 
 
 def length_grouped_batches(
@@ -73,7 +75,8 @@ def length_grouped_batches(
 
 
 def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask` and `labels` (prompt and padding ignored)."""
+    """Right-padded `input_ids`, `attention_mask` and `labels` (prompt and padding ignored),
+    and each row's `task_ids` (its `TokenizedExample.task`)."""
     width = max(len(e) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -83,7 +86,9 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
         input_ids[row, : len(ids)] = ids
         labels[row, example.n_prompt : len(ids)] = ids[example.n_prompt :]
         attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    task_ids = torch.tensor([e.task for e in examples], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "task_ids": task_ids}
 
 
 def micro_batches(

@@ -20,6 +20,7 @@ from quiver.data.batching import tokenize_example
 from quiver.data.task import SplitConfig, Task
 from quiver.errors import QuiverError
 from quiver.library import Library
+from quiver.library.expert import require_lora
 from quiver.progress import counting_progress
 
 BASE_ROW = "base"
@@ -72,6 +73,7 @@ def transfer_matrix(
         raise QuiverError("no tasks to compute a transfer matrix on")
     names = library.names() if experts is None else list(experts)
     check_same_base(model, library, names)  # before any work: a wrong base fails at once
+    require_lora(library.experts(names), "the transfer matrix")
     score = _loss_scorer(tokenizer, tasks, config) if config.metric == "loss" else \
         _accuracy_scorer(tokenizer, tasks, config)
     values, rows = {}, [BASE_ROW, *names]

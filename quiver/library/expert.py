@@ -42,6 +42,7 @@ class ExpertInfo:
     content_hash: str = ""
     source: str = "trained"
     format_version: int = FORMAT_VERSION
+    kind: str = "lora"  # "lora", or a multi-task adapter of quiver.adapters ("poly")
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, indent=2, sort_keys=True).encode()
@@ -90,7 +91,12 @@ class Expert:
             self._weights = None
 
     def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """`{module name: (A (r, in), B (out, r))}`, module names as in the base model."""
+        """`{module name: (A (r, in), B (out, r))}`, module names as in the base model.
+
+        Raises:
+            QuiverError: the expert is not a LoRA (a Poly/MHR entry has no single A, B).
+        """
+        require_lora([self], "this")
         return lora_factors(self.weights)
 
     @property
@@ -103,6 +109,20 @@ class Expert:
 
     def __repr__(self) -> str:
         return f"Expert({self.name!r}, tasks={self.info.tasks}, rank={self.adapter_config['r']})"
+
+
+def require_lora(experts: list[Expert], what: str) -> None:
+    """Refuse experts of another kind than a plain LoRA for `what` (a routing, a merge, ...).
+
+    Raises:
+        QuiverError: the first expert that is not a LoRA, in one line.
+    """
+    for expert in experts:
+        if expert.info.kind != "lora":
+            raise QuiverError(
+                f"expert {expert.name!r} is a {expert.info.kind} adapter (skills routed per "
+                f"training task), not a LoRA: {what} needs LoRA experts; evaluate it on its "
+                f"own tasks with --method expert:{expert.name}")
 
 
 def lora_factors(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -147,7 +167,8 @@ def content_hash(adapter_config: dict, weights_bytes: bytes) -> str:
 def check_adapter(
     adapter_config: dict, weights: dict[str, torch.Tensor], modules: dict[str, list[int]] | None
 ) -> None:
-    """Check that a PEFT adapter is a plain LoRA that fits a base model's linear layers.
+    """Check that a PEFT adapter is a plain LoRA (or a Poly/MHR adapter) that fits a base
+    model's linear layers.
 
     Args:
         modules: `{module name: [in, out]}` of the base model, or None to skip shape checks.
@@ -155,6 +176,11 @@ def check_adapter(
     Raises:
         QuiverError: not LoRA, unsupported LoRA options, rank or target-module mismatch.
     """
+    if adapter_config.get("peft_type") == "POLY":
+        from quiver.adapters.poly_mhr import check_poly_adapter  # its format lives there
+
+        check_poly_adapter(adapter_config, weights, modules)
+        return
     if adapter_config.get("peft_type") != "LORA":
         raise QuiverError(f"not a LoRA adapter (peft_type={adapter_config.get('peft_type')!r})")
     for option in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern"):

@@ -45,6 +45,7 @@ from quiver.library.expert import (
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "quiver.json"
+_PEFT_TYPES = {"lora": "LORA", "poly": "POLY"}  # expert kind -> PEFT format it is stored in
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -155,6 +156,10 @@ class Library:
                 f"({expert.info.base_fingerprint}); library {self.url} is for {base['name']!r} "
                 f"({base['fingerprint']})"
             )
+        peft_type = _PEFT_TYPES.get(expert.info.kind)
+        if peft_type is None or expert.adapter_config.get("peft_type") != peft_type:
+            raise QuiverError(f"expert {expert.name!r} of kind {expert.info.kind!r} has a "
+                              f"{expert.adapter_config.get('peft_type')} adapter config")
         check_adapter(expert.adapter_config, expert.weights, base["modules"])
         weights_bytes = encode_weights(expert.weights)
         info = ExpertInfo(**{**expert.info.__dict__})
@@ -229,6 +234,9 @@ class Library:
             adapter_config = json.loads(fs.cat_file(f"{folder}/{ADAPTER_CONFIG}"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise QuiverError(f"corrupt {ADAPTER_CONFIG} in {path}: {err}") from err
+        if adapter_config.get("peft_type") != "LORA":  # a Poly one lacks its rows' tasks
+            raise QuiverError(f"{path} is a {adapter_config.get('peft_type')} adapter: only "
+                              "LoRA adapters can be imported")
         weights = decode_weights(fs.cat_file(f"{folder}/{ADAPTER_WEIGHTS}"), str(path))
         if self.base is None:
             self._pin_from_model(base_model or adapter_config.get("base_model_name_or_path"))

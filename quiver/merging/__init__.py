@@ -14,6 +14,7 @@ import torch
 
 from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo
+from quiver.library.expert import require_lora
 from quiver.merging import task_arithmetic, ties, uniform, uniform_delta
 from quiver.merging.lowrank import lowrank_factorise, svd_factorise
 
@@ -52,6 +53,7 @@ def merge_experts(
         raise QuiverError(f"unknown merge method {method!r}: use one of {sorted(METHODS)}")
     if not experts:
         raise QuiverError("nothing to merge")
+    require_lora(experts, "merging")
     factors = [{m: (a, b, e.scaling) for m, (a, b) in e.lora_factors().items()}
                for e in experts]
     merged = METHODS[method](factors, scale=scale, density=density)

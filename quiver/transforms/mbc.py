@@ -33,7 +33,7 @@ import numpy as np
 
 from quiver.config import to_dict
 from quiver.errors import QuiverError
-from quiver.library.expert import Expert
+from quiver.library.expert import Expert, require_lora
 
 METHOD = "mbc"
 
@@ -103,6 +103,7 @@ def cluster_experts(experts: list[Expert], config: MBCConfig) -> Clustering:
             with fewer than three experts, or experts with different modules or shapes.
     """
     names = [e.name for e in experts]
+    require_lora(experts, "MBC clustering")
     _check_counts(names, config)
     # The SVD and k-means++ depend on the rows' order: computing in name order makes the
     # partition the same however the experts are listed (a build and `quiver cluster` agree).
