@@ -245,6 +245,65 @@ def test_mhr_build_is_one_entry_evaluated_by_routing_row_and_refused_by_lora_met
         cluster_experts(library.experts() * 2, MBCConfig(k=1))
 
 
+def test_an_interrupted_mhr_build_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
+    from quiver.data import load_task
+
+    tasks = jsonl_tasks(tmp_path / "tasks")
+    lib = str(tmp_path / "lib")
+    build = BuildConfig(strategy="mhr", workers=1)
+    real, steps_run, crash = training._lr_factor, [], {"at": 3}
+
+    def factor(step, steps, warmup):
+        if step == crash["at"]:
+            raise KeyboardInterrupt
+        steps_run.append(step)
+        return real(step, steps, warmup)
+
+    monkeypatch.setattr(training, "_lr_factor", factor)
+    with pytest.raises(KeyboardInterrupt):
+        build_library(tasks, lib, "tiny-llama", FAST, build, show_progress=False, adapter=SPEC)
+    assert Library(lib).names() == [] and Library(lib).run_state("mhr").read()[1]["step"] == 2
+    crash["at"] = None
+    steps_run.clear()
+    report = build_library(tasks, lib, "tiny-llama", FAST, build, show_progress=False,
+                           adapter=SPEC)
+    assert [o.status for o in report.outcomes] == ["trained"] and steps_run == [2, 3]
+    assert Library(lib).run_state("mhr").read() is None  # cleared once stored
+    model, tokenizer = tiny
+    uninterrupted, _ = train_expert(model, tokenizer, [load_task(t) for t in tasks], "mhr",
+                                    FAST, adapter=SPEC, show_progress=False)
+    resumed = Library(lib).get("mhr")
+    for key, value in uninterrupted.weights.items():  # the stored (PEFT) form of both
+        torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)
+
+
+def test_checkpointing_keeps_the_gradients_of_skills_and_routing(tiny):
+    from quiver.data.batching import tokenize_example
+    from quiver.training import accumulate_gradients, gradient_checkpointing
+
+    model, tokenizer = tiny
+    examples = [tokenize_example(tokenizer, e, 64, task)
+                for task in (0, 1) for e in make_task(n=3).examples]
+    adapter = attach_poly(model, ["a", "b"], SPEC, 4, 16.0, 0.0, ("q_proj", "down_proj"))
+    try:
+        randomise(adapter.layers.values())
+        grads = []
+        for checkpointing in (False, True):
+            adapter.train()
+            torch.manual_seed(0)  # the same relaxed-Bernoulli samples in both runs
+            with gradient_checkpointing(model, checkpointing):
+                accumulate_gradients(model, examples, tokenizer.pad_token_id)
+            layer = adapter.layers["model.layers.1.mlp.down_proj"]
+            grads.append([p.grad.clone() for p in (layer.lora_a, layer.logits)])
+            for p in (p for layer in adapter.layers.values() for p in layer.parameters()):
+                p.grad = None
+    finally:
+        adapter.remove()
+    for plain, checkpointed in zip(*grads, strict=True):
+        assert plain.abs().sum() > 0
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"strategy": "poly"}, "poly has one routing head, not 4"),
     ({"strategy": "mhr"}, "7 heads do not divide"),
