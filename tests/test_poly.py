@@ -93,9 +93,16 @@ def test_the_layer_computes_the_formula_head_by_head():
         layer(x)
 
 
-def test_heads_that_do_not_divide_a_layer_are_refused():
+def test_heads_that_do_not_divide_a_layer_are_refused_and_leave_the_model_as_found(tiny):
     with pytest.raises(QuiverError, match="5 heads do not divide"):
         PolyLinear(nn.Linear(8, 12), 1, 2, 5, 2, 1.0, 0.0, TaskRouting())
+    model, _ = tiny
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(QuiverError, match="3 heads do not divide"):
+        attach_poly(model, ["t"], PolyMHRConfig(skills=2, heads=3), 2, 4.0, 0.0, ("q_proj",))
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not any(isinstance(m, PolyLinear) for m in model.modules())
+    assert getattr(model, "quiver_task_routing", None) is None
 
 
 # ------------------------------------------------------------------ PEFT reference

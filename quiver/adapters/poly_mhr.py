@@ -281,11 +281,11 @@ def attach_poly(model: nn.Module, task_names: list[str], config: PolyMHRConfig, 
     targets = _targets(model, target_modules)
     routing = TaskRouting()
     frozen = {p: p.requires_grad for p in model.parameters()}
-    for param in frozen:
-        param.requires_grad_(False)  # only the skills and routing learn
     layers = {name: PolyLinear(model.get_submodule(name), len(task_names), config.skills, heads,
                                rank, alpha / rank, dropout, routing, config.routing_temperature)
               for name in targets}  # built (and checked) before the model is changed
+    for param in frozen:
+        param.requires_grad_(False)  # only the skills and routing learn
     for name, layer in layers.items():
         _replace(model, name, layer)
     model.quiver_task_routing = routing
