@@ -212,7 +212,9 @@ def test_an_interrupted_poly_training_resumes_to_the_same_weights(tiny, tmp_path
 
 
 # ---------------------------------------------------------- build, evaluate, refuse
-def test_mhr_build_is_one_entry_evaluated_by_routing_row_and_refused_by_lora_methods(tmp_path):
+def test_mhr_build_is_one_entry_evaluated_by_routing_row_and_refused_by_lora_methods(
+        tmp_path, monkeypatch):
+    from quiver.adapters import PolyAdapter
     from quiver.recipes import evaluate_method
 
     tasks = jsonl_tasks(tmp_path / "tasks")
@@ -231,9 +233,17 @@ def test_mhr_build_is_one_entry_evaluated_by_routing_row_and_refused_by_lora_met
                       adapter=PolyMHRConfig(skills=2, heads=4))
 
     model_and_tokenizer = load_base("tiny-llama", device="cpu")
-    result = evaluate_method("expert:mhr", tasks, lib, "tiny-llama", show_progress=False,
+    rows, set_task = [], PolyAdapter.set_task
+
+    def recording_set_task(self, task):
+        set_task(self, task)
+        rows.append(self.routing.task_ids)
+
+    monkeypatch.setattr(PolyAdapter, "set_task", recording_set_task)
+    result = evaluate_method("expert:mhr", tasks[::-1], lib, "tiny-llama", show_progress=False,
                              model_and_tokenizer=model_and_tokenizer)
     assert set(result["tasks"]) == set(tasks) and "exact_match" in result["average"]
+    assert rows == [1, 0]  # each task scored with its own routing row
     assert not any(isinstance(m, PolyLinear) for m in model_and_tokenizer[0].modules())
     other = jsonl_tasks(tmp_path / "other", ("reverse",))
     with pytest.raises(QuiverError, match="no routing row"):
