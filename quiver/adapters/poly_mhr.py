@@ -37,11 +37,18 @@ import torch
 from torch import nn
 from torch.distributions import RelaxedBernoulli
 
+from quiver.adapters.task_rows import (
+    PEFT_PREFIX,
+    TaskRouting,
+    TaskRowAdapter,
+    adapter_options,
+    attach_task_layers,
+    check_batch_rows,
+)
 from quiver.errors import QuiverError
 
 KIND = "poly"
 STRATEGY_HEADS = {"poly": 1, "mhr": 64}  # H when not given: Poly has one head; MHR's code 64
-_PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>poly_lora_A|poly_lora_B|poly_router\.module_logits)$")
 _EPS = 1e-12  # the normalisation's guard against a head whose samples are all ~0
 
@@ -87,15 +94,6 @@ class PolyMHRConfig:
                            train_config.dropout, tuple(train_config.target_modules))
 
 
-class TaskRouting:
-    """The task of the inputs, shared by the Poly layers of one model: an int (one routing row
-    for the whole batch, as at evaluation) or a tensor (batch,) of rows (a mixed training
-    batch; the training loop sets it from each batch's `task_ids`)."""
-
-    def __init__(self) -> None:
-        self.task_ids: torch.Tensor | int | None = None
-
-
 def routing_weights(logits: torch.Tensor, training: bool, temperature: float = 1.0
                     ) -> torch.Tensor:
     """Mixing weights over skills from routing logits (..., H, S): relaxed-Bernoulli samples
@@ -122,10 +120,7 @@ class PolyLinear(nn.Module):
         self.heads, self.skills, self.rank = heads, skills, rank
         self.scaling, self.temperature = scaling, temperature
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dtype = base.weight.dtype
-        if dtype in (torch.bfloat16, torch.float16):
-            dtype = torch.float32  # adapter weights train in fp32 on a half-precision base
-        like = {"device": base.weight.device, "dtype": dtype}
+        like = adapter_options(base)
         d_in, d_out = base.in_features // heads, base.out_features // heads
         self.lora_a = nn.Parameter(torch.empty(heads, skills, d_in, rank, **like))
         self.lora_b = nn.Parameter(torch.zeros(heads, skills, rank, d_out, **like))
@@ -135,13 +130,14 @@ class PolyLinear(nn.Module):
             self.lora_a.uniform_(-1 / math.sqrt(d_in), 1 / math.sqrt(d_in))
             self.logits.uniform_(-1e-3, 1e-3)  # near-uniform routing at the start
 
+    def parts(self) -> dict[str, nn.Parameter]:
+        """The layer's tensors under PEFT's Poly key suffixes."""
+        return {"poly_lora_A": self.lora_a, "poly_lora_B": self.lora_b,
+                "poly_router.module_logits": self.logits}
+
     def task_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_t (rows, in, r), B_t (rows, r, out)) of the current task(s)."""
-        ids = self.routing.task_ids
-        if ids is None:
-            raise QuiverError("a Poly/MHR layer needs the task of its inputs (no task set)")
-        if isinstance(ids, torch.Tensor):
-            ids = ids.to(self.logits.device)
+        ids = self.routing.rows(self.logits.device)
         logits = self.logits[ids].view(-1, self.heads, self.skills)  # (rows, H, S)
         w = routing_weights(logits, self.training, self.temperature)  # (rows, H, S)
         a = torch.einsum("nhs,hsdr->nhdr", w, self.lora_a)  # (rows, H, in/H, r)
@@ -154,43 +150,19 @@ class PolyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, time, in)
         out = self.base(x)  # (batch, time, out)
         a, b = self.task_factors()  # (rows, in, r), (rows, r, out); rows = batch or 1
+        check_batch_rows(a.shape[0], x)
         if x.dim() == 2:  # (tokens, in): one task for all of them
             a, b = a[0], b[0]
-        elif a.shape[0] not in (1, x.shape[0]):
-            raise QuiverError(f"{a.shape[0]} task ids for a batch of {x.shape[0]} rows")
         h = self.dropout(x).to(a.dtype) @ a  # (batch, time, r)
         return out + (self.scaling * (h @ b)).to(out.dtype)  # (batch, time, out)
 
 
-class PolyAdapter:
-    """Poly layers attached to a model: what training, evaluation and storage need of them.
-
-    The model is changed in place (its target linear layers become `PolyLinear`);
-    `remove()` puts the original layers back and unfreezes what it froze.
-    """
+class PolyAdapter(TaskRowAdapter):
+    """Poly layers attached to a model (`TaskRowAdapter`): what training, evaluation and
+    storage need of them. Weights are keyed as PEFT's Poly keys them, B as trained (not yet
+    scaled for PEFT: see `stored`)."""
 
     kind = KIND
-
-    def __init__(self, model: nn.Module, layers: dict[str, PolyLinear], task_names: list[str],
-                 config: PolyMHRConfig, lora: dict, routing: TaskRouting,
-                 frozen: dict[nn.Parameter, bool]) -> None:
-        self.causal_lm, self.layers, self.task_names = model, layers, list(task_names)
-        self.config, self.lora, self.routing = config, lora, routing
-        self._frozen = frozen
-
-    # -------------------------------------------------------------- routing
-    def set_task(self, task: str | int) -> None:
-        """Route every input by one task's row (by name or row index).
-
-        Raises:
-            QuiverError: a task with no routing row.
-        """
-        if isinstance(task, str):
-            if task not in self.task_names:
-                raise QuiverError(f"no routing row for task {task!r}: this {self.kind} entry "
-                                  f"was trained on {self.task_names}")
-            task = self.task_names.index(task)
-        self.routing.task_ids = task
 
     # ------------------------------------------------------------- training
     def param_groups(self, train_config) -> list[dict]:
@@ -199,39 +171,6 @@ class PolyAdapter:
         logits = [layer.logits for layer in self.layers.values()]
         return [{"params": skills, "peak_lr": train_config.lr},
                 {"params": logits, "peak_lr": self.config.routing_lr, "weight_decay": 0.0}]
-
-    def train(self) -> None:
-        self.causal_lm.train()
-
-    def eval(self) -> None:
-        self.causal_lm.eval()
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        """CPU copies of every layer's skills and logits, under PEFT's key names (B as
-        trained, not yet scaled for PEFT: see `stored`)."""
-        tensors = {}
-        for module, layer in self.layers.items():
-            key = _PEFT_PREFIX + module
-            tensors[f"{key}.poly_lora_A"] = layer.lora_a.detach().cpu().clone()
-            tensors[f"{key}.poly_lora_B"] = layer.lora_b.detach().cpu().clone()
-            tensors[f"{key}.poly_router.module_logits"] = layer.logits.detach().cpu().clone()
-        return tensors
-
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Set every layer from `weights()`'s form.
-
-        Raises:
-            QuiverError: a layer missing from `weights`, or a shape that differs.
-        """
-        with torch.no_grad():
-            for module, layer in self.layers.items():
-                key = _PEFT_PREFIX + module
-                for name, param in (("poly_lora_A", layer.lora_a), ("poly_lora_B", layer.lora_b),
-                                    ("poly_router.module_logits", layer.logits)):
-                    value = weights.get(f"{key}.{name}")
-                    if value is None or value.shape != param.shape:
-                        raise QuiverError(f"no {name} of shape {tuple(param.shape)} for {module}")
-                    param.copy_(value)
 
     def stored(self, weights: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
         """(PEFT adapter config, PEFT state dict, quiver's `lora` metadata) of `weights`."""
@@ -253,16 +192,6 @@ class PolyAdapter:
                   if k != "peft_version"}
         return json.loads(json.dumps(config, default=str))  # plain JSON values (no enums)
 
-    def remove(self) -> None:
-        """Put the original linear layers back and restore `requires_grad` as found."""
-        for module, layer in self.layers.items():
-            _replace(self.causal_lm, module, layer.base)
-        for param, flag in self._frozen.items():
-            param.requires_grad_(flag)
-        if getattr(self.causal_lm, "quiver_task_routing", None) is self.routing:
-            del self.causal_lm.quiver_task_routing
-        self.layers = {}
-
 
 def attach_poly(model: nn.Module, task_names: list[str], config: PolyMHRConfig, rank: int,
                 alpha: float, dropout: float, target_modules: tuple[str, ...]) -> PolyAdapter:
@@ -273,22 +202,12 @@ def attach_poly(model: nn.Module, task_names: list[str], config: PolyMHRConfig, 
         QuiverError: the model already has Poly layers, lacks a target module, or has a layer
             whose dimensions the heads do not divide.
     """
-    if getattr(model, "quiver_task_routing", None) is not None:
-        raise QuiverError("this model already has Poly/MHR layers attached")
-    if not task_names:
-        raise QuiverError("a Poly/MHR adapter needs at least one task")
     heads = config.heads or 1
-    targets = _targets(model, target_modules)
-    routing = TaskRouting()
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    layers = {name: PolyLinear(model.get_submodule(name), len(task_names), config.skills, heads,
-                               rank, alpha / rank, dropout, routing, config.routing_temperature)
-              for name in targets}  # built (and checked) before the model is changed
-    for param in frozen:
-        param.requires_grad_(False)  # only the skills and routing learn
-    for name, layer in layers.items():
-        _replace(model, name, layer)
-    model.quiver_task_routing = routing
+    layers, routing, frozen = attach_task_layers(
+        model, task_names, target_modules,
+        lambda base, routing: PolyLinear(base, len(task_names), config.skills, heads, rank,
+                                         alpha / rank, dropout, routing,
+                                         config.routing_temperature))
     lora = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "scaling": alpha / rank,
             "target_modules": list(target_modules), "skills": config.skills, "heads": heads,
             "routing_lr": config.routing_lr, "routing_temperature": config.routing_temperature,
@@ -336,7 +255,7 @@ def check_poly_adapter(adapter_config: dict, weights: dict[str, torch.Tensor],
         match = _KEY.match(key)
         if match is None:
             raise QuiverError(f"not a Poly weight: {key!r}")
-        parts.setdefault(match["module"].removeprefix(_PEFT_PREFIX), {})[match["part"]] = tensor
+        parts.setdefault(match["module"].removeprefix(PEFT_PREFIX), {})[match["part"]] = tensor
     if not parts:
         raise QuiverError("the adapter has no Poly weights")
     heads, skills = adapter_config.get("n_splits"), adapter_config.get("n_skills")
@@ -355,17 +274,3 @@ def check_poly_adapter(adapter_config: dict, weights: dict[str, torch.Tensor],
                               f"tasks={tasks}, skills={skills}, splits={heads})")
         if fan_in is not None and (a.shape[2] * heads != fan_in or b.shape[3] * heads != fan_out):
             raise QuiverError(f"shape mismatch at {module}: base layer is {fan_in}->{fan_out}")
-
-
-def _targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[str]:
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in target_modules if m not in present]
-    if missing:
-        raise QuiverError(f"target-module mismatch: the base model has no module named {missing}")
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules]
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
