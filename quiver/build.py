@@ -1,11 +1,11 @@
 """Building a library from tasks: the strategies (private, shared, MBC, random clusters, and
-the multi-task adapters Poly and MHR) and the executors that run the trainings (one after
+the multi-task adapters Poly, MHR and MTL-LoRA) and the executors that run the trainings (one after
 another here, or as Ray tasks on a cluster).
 
     tasks ──► check ──► jobs (expert name + its tasks) ──► executor ──► library
                          │
                          ├ mbc / random: private experts ──► clusters ──► one job per cluster
-                         └ poly / mhr: one job, an entry of kind poly with a routing row per task
+                         └ poly / mhr / mtl-lora: one job, an entry of its kind with a row per task
 
 A job is one expert to train. Every job trains straight into the library through
 `train_into_library`, so a build is resumable for free: an expert already in
@@ -24,7 +24,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-from quiver.adapters import PolyMHRConfig, adapter_from_dict, adapter_to_dict
+from quiver.adapters import (
+    AdapterConfig,
+    PolyMHRConfig,
+    adapter_for_strategy,
+    adapter_from_dict,
+    adapter_to_dict,
+)
 from quiver.config import from_dict, to_dict
 from quiver.data import load_task
 from quiver.errors import QuiverError
@@ -33,8 +39,8 @@ from quiver.library.store import check_name
 from quiver.models import fingerprint, linear_module_shapes, load_base
 from quiver.training import TrainConfig, TrainResult, train_expert
 
-STRATEGIES = ("private", "shared", "mbc", "random", "poly", "mhr")
-ADAPTER_STRATEGIES = ("poly", "mhr")  # one entry of a multi-task adapter kind, named so
+STRATEGIES = ("private", "shared", "mbc", "random", "poly", "mhr", "mtl-lora")
+ADAPTER_STRATEGIES = ("poly", "mhr", "mtl-lora")  # one entry of a multi-task kind, named so
 EXECUTORS = ("local", "ray")
 CLUSTER_RECORDS = {"mbc": "mbc", "random": "random"}  # strategy -> name of its clusters record
 
@@ -46,7 +52,8 @@ class BuildConfig:
     strategy: str = field(default="private", metadata={
         "help": "private (an expert per task), shared (one on all tasks), mbc (an expert per "
                 "MBC cluster of the private experts), random (MBC's sizes, random members), "
-                "poly or mhr (one entry 'poly' / 'mhr': skills routed per task, all tasks)"})
+                "poly or mhr (one entry 'poly' / 'mhr': skills routed per task, all tasks), "
+                "mtl-lora (one entry 'mtl-lora': shared A, per-task L_t and mix of B_i)"})
     clusters: int = field(default=0, metadata={
         "help": "mbc, random: the number of clusters K (needed by them, refused by the others)"})
     cluster_seed: int = field(default=0, metadata={
@@ -134,12 +141,13 @@ def build_library(
     private_url: str | None = None,
     dtype: str = "auto",
     show_progress: bool = True,
-    adapter: PolyMHRConfig | None = None,
+    adapter: AdapterConfig | None = None,
 ) -> BuildReport:
     """Build a library of experts from tasks with one of the strategies of `BuildConfig`.
 
-    poly and mhr train one entry (named `poly` / `mhr`) on all the tasks jointly, with the
-    skills and heads of `adapter` (default `PolyMHRConfig()`; H resolved by the strategy).
+    poly, mhr and mtl-lora train one entry (named as the strategy) on all the tasks jointly,
+    with `adapter`, the strategy's config (default: its defaults; MHR's H resolved by the
+    strategy): `PolyMHRConfig` for poly and mhr, `MTLLoRAConfig` for mtl-lora.
 
     Everything that can be checked is checked before any training: the tasks (known, not
     empty, none twice), K, the names the experts will take, the base model of existing
@@ -155,8 +163,9 @@ def build_library(
     tasks = check_tasks(task_names)
     _check_library(library_url, base)
     if config.strategy in ADAPTER_STRATEGIES:
-        spec = (adapter or PolyMHRConfig()).for_strategy(config.strategy)
-        check_heads(_base_shapes(library_url, base), spec.heads, train_config.target_modules)
+        spec = adapter_for_strategy(config.strategy, [adapter] if adapter else [])
+        if isinstance(spec, PolyMHRConfig):
+            check_heads(_base_shapes(library_url, base), spec.heads, train_config.target_modules)
         jobs = [Job(config.strategy, tuple(tasks), adapter_to_dict(spec))]
         check_jobs(jobs, library_url)
         outcomes = run_jobs(jobs, library_url, base, train_config, config, dtype, show_progress)
@@ -212,7 +221,7 @@ def train_into_library(
     show_progress: bool = True,
     model_and_tokenizer=None,
     dtype: str = "auto",
-    adapter: PolyMHRConfig | None = None,
+    adapter: AdapterConfig | None = None,
 ) -> tuple[Expert, TrainResult]:
     """Train an expert on `task_names` and add it to the library at `library_url` (with
     `adapter`, an entry of that kind instead of a LoRA; see `train_expert`).
@@ -292,12 +301,16 @@ def check_jobs(jobs: list[Job], library_url: str) -> None:
                               "another library")
 
 
+_SHAPE_FIELDS = ("skills", "heads", "up_projections")  # of the multi-task adapters' configs
+
+
 def _made_as(what: ExpertInfo | Job) -> tuple:
-    """The kind and, for Poly/MHR, skills and heads: what a build must not silently mix up."""
+    """The kind and the shape of a multi-task adapter (Poly/MHR's skills and heads,
+    MTL-LoRA's up-projections): what a build must not silently mix up."""
     if isinstance(what, Job):
         spec = what.adapter or {}
-        return spec.get("kind", "lora"), spec.get("skills"), spec.get("heads")
-    return what.kind, what.lora.get("skills"), what.lora.get("heads")
+        return spec.get("kind", "lora"), *(spec.get(f) for f in _SHAPE_FIELDS)
+    return what.kind, *(what.lora.get(f) for f in _SHAPE_FIELDS)
 
 
 def check_heads(shapes: dict[str, list[int]], heads: int, target_modules) -> None:

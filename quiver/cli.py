@@ -110,14 +110,15 @@ def train(
 
 
 # --------------------------------------------------------------------------- build
-from quiver.adapters import PolyMHRConfig  # noqa: E402
+from quiver.adapters import MTLLoRAConfig, PolyMHRConfig  # noqa: E402
 from quiver.build import BuildConfig  # noqa: E402
 
 
 @app.command("build")
 @config_options(TrainConfig)
 @config_options(BuildConfig, param="build_config")
-@config_options(PolyMHRConfig, param="adapter_config")
+@config_options(PolyMHRConfig, param="poly_config")
+@config_options(MTLLoRAConfig, param="mtl_config")
 def build_command(
     tasks_file: Path = typer.Option(..., help="file with one task name per line"),
     library: str = typer.Option(..., help="the library to build (folder or fsspec URL)"),
@@ -128,20 +129,23 @@ def build_command(
     quiet: bool = typer.Option(False, help="no progress bar"),
     config: TrainConfig = None,
     build_config: BuildConfig = None,
-    adapter_config: PolyMHRConfig = None,
+    poly_config: PolyMHRConfig = None,
+    mtl_config: MTLLoRAConfig = None,
 ) -> None:
     """Build a library: an expert per task, one shared, one per (MBC or random) cluster, or
-    one Poly / MHR entry trained on every task (skills routed per task).
+    one Poly / MHR / MTL-LoRA entry trained on every task (a row per task).
 
     Experts already in the library are skipped and interrupted trainings resume, so running
     the same command again finishes a build. Exits with 1 if any training failed.
     """
+    from quiver.adapters import adapter_for_strategy
     from quiver.build import build_library
     from quiver.recipes import read_tasks_file
     from quiver.report import build_table
 
+    adapter = adapter_for_strategy(build_config.strategy, [poly_config, mtl_config])
     report = build_library(read_tasks_file(tasks_file), library, base, config, build_config,
-                           private, dtype, not quiet, adapter_config)
+                           private, dtype, not quiet, adapter)
     if report.private:
         console.print(build_table(report.private, f"private experts in {private}"))
     if report.outcomes:
@@ -206,12 +210,38 @@ def library_import_peft(
 
 
 @library_app.command("export-peft")
-def library_export_peft(url: str, name: str, out: Path) -> None:
+def library_export_peft(
+    url: str,
+    name: str,
+    out: Path,
+    task: str = typer.Option(None, "--task", help="an mtl-lora entry: the task to export, "
+                                                  "as a plain LoRA"),
+) -> None:
     """Write an expert as a PEFT adapter folder (loadable by PeftModel.from_pretrained)."""
     from quiver.library import Library
+    from quiver.recipes import export_task
 
-    Library(url).export_peft(name, str(out))
-    console.print(f"exported [bold]{name}[/] to {out}")
+    if task is None:
+        Library(url).export_peft(name, str(out))
+    else:
+        export_task(url, name, task, out=str(out))
+    console.print(f"exported [bold]{name}[/]{f' (task {task})' if task else ''} to {out}")
+
+
+@library_app.command("export-task")
+def library_export_task(
+    url: str,
+    entry: str = typer.Argument(..., help="the mtl-lora entry"),
+    task: str = typer.Argument(..., help="one of its training tasks"),
+    name: str = typer.Option(..., "--name", help="name of the new LoRA expert"),
+) -> None:
+    """Add one task of an MTL-LoRA entry to the library as a plain LoRA expert (A, B_t L_t):
+    the same outputs on that task, usable by merges, routing and PEFT."""
+    from quiver.recipes import export_task
+
+    expert = export_task(url, entry, task, name=name)
+    console.print(f"added [bold]{expert.name}[/] to {url}: task {expert.info.tasks[0]} of "
+                  f"[bold]{entry}[/] as a rank-{expert.info.lora['r']} LoRA")
 
 
 @library_app.command("rm")
@@ -240,8 +270,8 @@ from quiver.evaluation import EvalConfig  # noqa: E402
 @config_options(EvalConfig)
 def eval_command(
     method: str = typer.Option(..., help="base, arrow, uniform, centroid, phatgoose, oracle, "
-                                         "or expert:NAME (a Poly/MHR entry: each task with its "
-                                         "own routing row)"),
+                                         "or expert:NAME (a Poly/MHR or MTL-LoRA entry: each "
+                                         "task with its own row)"),
     task: list[str] = typer.Option([], "--task", help="task to evaluate; repeatable"),
     tasks_file: Path = typer.Option(None, help="file with one task name per line"),
     library: str = typer.Option(None, help="library folder or fsspec URL"),

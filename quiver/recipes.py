@@ -71,9 +71,10 @@ def evaluate_method(
 ) -> dict:
     """Evaluate a base model, one expert, or a routed library on tasks; returns the report.
 
-    `expert:NAME` of a multi-task entry (Poly/MHR) scores each task with that task's own
-    routing row: only its training tasks can be scored (on their held-out test split; `all`,
-    which holds their training examples, only with `allow_seen`).
+    `expert:NAME` of a multi-task entry (Poly/MHR, MTL-LoRA) scores each task with that
+    task's own row (Poly/MHR's routing logits; MTL-LoRA's L_t and mix of up-projections):
+    only its training tasks can be scored (on their held-out test split; `all`, which holds
+    their training examples, only with `allow_seen`).
 
     With `routing_plot` (a path), routed methods also record how often each expert was
     chosen at each layer, save that as a heatmap, and add the counts to the report.
@@ -104,11 +105,11 @@ def evaluate_method(
     model, tokenizer = model_and_tokenizer or load_base(base, dtype=dtype)
     before_task, adapter = None, None
     if multitask is not None:
-        from quiver.adapters import load_poly
+        from quiver.adapters import load_adapter
         from quiver.reuse import check_same_base
 
         check_same_base(model, library, names)
-        adapter = load_poly(model, multitask)
+        adapter = load_adapter(model, multitask)
         before_task = lambda task: adapter.set_task(task.name)  # noqa: E731
     elif method.startswith("expert:"):
         reuse(model, library, method="uniform", experts=names)
@@ -163,7 +164,8 @@ def _experts_for(method: str, library: Library | None, experts: list[str] | None
 
 
 def _multitask_entry(method: str, library: Library | None):
-    """The expert of `expert:NAME` when it is a multi-task adapter (Poly/MHR), else None."""
+    """The expert of `expert:NAME` when it is a multi-task adapter (Poly/MHR, MTL-LoRA),
+    else None."""
     if not method.startswith("expert:"):
         return None
     expert = library.get(method.split(":", 1)[1])
@@ -272,3 +274,35 @@ def transfer_report(
                              config or TransferConfig(), show_progress)
     report.update(model=base, library=library_url)
     return report
+
+
+def export_task(
+    library_url: str,
+    entry: str,
+    task: str,
+    name: str | None = None,
+    out: str | None = None,
+):
+    """One task of a multi-task entry (MTL-LoRA) as a plain LoRA expert: added to the library
+    as `name`, or written as a PEFT LoRA folder at `out` (the library left as it is). Returns
+    the LoRA `Expert`.
+
+    Raises:
+        QuiverError: not exactly one of `name` and `out`; no such library, entry or task row;
+            an entry that is not MTL-LoRA; `name` taken or `out` not empty.
+    """
+    from quiver.adapters import task_lora
+    from quiver.library.store import check_name, write_peft_folder
+
+    if (name is None) == (out is None):
+        raise QuiverError("export a task either into the library (a name) or to a folder")
+    library = Library(library_url)
+    if name is not None:
+        check_name(name)
+        if name in library:
+            raise QuiverError(f"an expert named {name!r} already exists in {library_url}")
+    expert = task_lora(library.get(entry), task, name or entry)
+    if out is not None:
+        write_peft_folder(expert, out)
+        return expert
+    return library.add(expert)

@@ -41,7 +41,11 @@ def library_table(library: Library) -> Table:
 
 
 def _kind(info) -> str:
-    """`lora`, or a Poly/MHR entry with its skills S and heads H."""
+    """`lora`, a Poly/MHR entry with its skills S and heads H, or an MTL-LoRA entry with its
+    up-projections n and mixing temperature tau."""
+    if info.kind == "mtl-lora":
+        return (f"mtl-lora (n={info.lora.get('up_projections')}, "
+                f"tau={info.lora.get('mix_temperature')})")
     if info.kind != "poly":
         return info.kind
     skills, heads = info.lora.get("skills"), info.lora.get("heads", 1)

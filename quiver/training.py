@@ -1,6 +1,6 @@
 """Train one LoRA expert on one or more tasks: a plain PyTorch loop, read top to bottom. The
-same loop trains the multi-task adapters of `quiver.adapters` (Poly/MHR: `adapter=`), whose
-layers route each batch row by its task.
+same loop trains the multi-task adapters of `quiver.adapters` (Poly/MHR, MTL-LoRA:
+`adapter=`), whose layers use each batch row's task.
 
 What makes it fast on a CPU, compared with a textbook PEFT + transformers loop:
 - the loss is computed on the target tokens only: the decoder runs on the whole sequence,
@@ -222,8 +222,8 @@ class TrainableAdapter(Protocol):
 
 
 class AdapterSpec(Protocol):
-    """A kind of adapter to train instead of a LoRA (e.g. `quiver.adapters.PolyMHRConfig`):
-    a config dataclass that attaches fresh weights for some tasks."""
+    """A kind of adapter to train instead of a LoRA (`quiver.adapters.PolyMHRConfig`,
+    `MTLLoRAConfig`): a config dataclass that attaches fresh weights for some tasks."""
 
     @property
     def kind(self) -> str: ...
@@ -243,7 +243,7 @@ def train_expert(
     adapter: AdapterSpec | None = None,
 ) -> tuple[Expert, TrainResult]:
     """Train a LoRA expert on the pooled training data of `tasks`, or with `adapter`, an
-    adapter of that kind (Poly/MHR: one routing row per task, in the order of `tasks`).
+    adapter of that kind (Poly/MHR, MTL-LoRA: one row per task, in the order of `tasks`).
 
     The base model is left as it was (the adapter's layers are removed afterwards).
 
@@ -583,7 +583,7 @@ _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 def _tokenized_splits(tokenizer, tasks, config) -> tuple[list, list]:
     split = config.split_config()
     train, valid = [], []
-    for index, task in enumerate(tasks):  # the index: the task's routing row (Poly/MHR)
+    for index, task in enumerate(tasks):  # the index: the task's row (multi-task adapters)
         task_train = task.split("train", split)
         if not task_train:
             raise QuiverError(f"task {task.name!r} has no training examples")

@@ -42,7 +42,7 @@ class ExpertInfo:
     content_hash: str = ""
     source: str = "trained"
     format_version: int = FORMAT_VERSION
-    kind: str = "lora"  # "lora", or a multi-task adapter of quiver.adapters ("poly")
+    kind: str = "lora"  # "lora", or a multi-task adapter of quiver.adapters (poly, mtl-lora)
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, indent=2, sort_keys=True).encode()
@@ -94,7 +94,7 @@ class Expert:
         """`{module name: (A (r, in), B (out, r))}`, module names as in the base model.
 
         Raises:
-            QuiverError: the expert is not a LoRA (a Poly/MHR entry has no single A, B).
+            QuiverError: the expert is not a LoRA (a multi-task entry has no single A, B).
         """
         require_lora([self], "this")
         return lora_factors(self.weights)
@@ -119,10 +119,13 @@ def require_lora(experts: list[Expert], what: str) -> None:
     """
     for expert in experts:
         if expert.info.kind != "lora":
+            export = (f", or export a task of it as a LoRA with `quiver library export-task "
+                      f"LIBRARY {expert.name} TASK --name NEW`"
+                      if expert.info.kind == "mtl-lora" else "")
             raise QuiverError(
-                f"expert {expert.name!r} is a {expert.info.kind} adapter (skills routed per "
-                f"training task), not a LoRA: {what} needs LoRA experts; evaluate it on its "
-                f"own tasks with --method expert:{expert.name}")
+                f"expert {expert.name!r} is a {expert.info.kind} adapter (a row per training "
+                f"task), not a LoRA: {what} needs LoRA experts; evaluate it on its own tasks "
+                f"with --method expert:{expert.name}{export}")
 
 
 def lora_factors(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -167,8 +170,8 @@ def content_hash(adapter_config: dict, weights_bytes: bytes) -> str:
 def check_adapter(
     adapter_config: dict, weights: dict[str, torch.Tensor], modules: dict[str, list[int]] | None
 ) -> None:
-    """Check that a PEFT adapter is a plain LoRA (or a Poly/MHR adapter) that fits a base
-    model's linear layers.
+    """Check that a PEFT adapter is a plain LoRA (or a Poly/MHR or MTL-LoRA adapter) that fits
+    a base model's linear layers.
 
     Args:
         modules: `{module name: [in, out]}` of the base model, or None to skip shape checks.
@@ -180,6 +183,11 @@ def check_adapter(
         from quiver.adapters.poly_mhr import check_poly_adapter  # its format lives there
 
         check_poly_adapter(adapter_config, weights, modules)
+        return
+    if adapter_config.get("peft_type") == "MTL_LORA":
+        from quiver.adapters.mtl_lora import check_mtl_lora_adapter  # its format lives there
+
+        check_mtl_lora_adapter(adapter_config, weights, modules)
         return
     if adapter_config.get("peft_type") != "LORA":
         raise QuiverError(f"not a LoRA adapter (peft_type={adapter_config.get('peft_type')!r})")

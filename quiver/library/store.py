@@ -45,7 +45,9 @@ from quiver.library.expert import (
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "quiver.json"
-_PEFT_TYPES = {"lora": "LORA", "poly": "POLY"}  # expert kind -> PEFT format it is stored in
+# expert kind -> the (PEFT) format it is stored in; MTL_LORA is quiver's own, PEFT lacks it
+_PEFT_TYPES = {"lora": "LORA", "poly": "POLY", "mtl-lora": "MTL_LORA"}
+_PEFT_LOADS = ("lora", "poly")  # the kinds whose folders PeftModel.from_pretrained loads
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -256,24 +258,14 @@ class Library:
         """Write an expert as a PEFT folder that `PeftModel.from_pretrained` loads.
 
         Raises:
-            QuiverError: no such expert, or `path` exists and is not empty.
+            QuiverError: no such expert, a kind PEFT cannot load (MTL-LoRA: export one of its
+                tasks as a LoRA), or `path` exists and is not empty.
         """
         expert = self.get(name)
-        weights = encode_weights(expert.weights)  # also checks the content hash
-        target = Path(path)
-        if target.exists() and any(target.iterdir()):
-            raise QuiverError(f"{path} exists and is not empty")
-        staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
-        try:
-            _write_synced(str(staging / ADAPTER_CONFIG), json.dumps(expert.adapter_config).encode())
-            _write_synced(str(staging / ADAPTER_WEIGHTS), weights)
-            _write_synced(str(staging / MANIFEST), expert.info.to_json())
-            if target.exists():
-                target.rmdir()
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        if expert.info.kind not in _PEFT_LOADS:
+            raise QuiverError(f"expert {name!r} is a {expert.info.kind} adapter, which PEFT "
+                              "cannot load: export one of its tasks as a LoRA (--task TASK)")
+        write_peft_folder(expert, path)
 
     def _pin_from_model(self, base_model: str | None) -> None:
         from quiver.models import fingerprint, linear_module_shapes, load_base
@@ -463,6 +455,30 @@ class RunState:
         fs = self._library.fs
         if fs.exists(self._folder):
             fs.rm(self._folder, recursive=True)
+
+
+def write_peft_folder(expert: Expert, path: str) -> None:
+    """Write `expert` (stored or not) as an adapter folder at local `path`, all or nothing:
+    adapter_config.json, adapter_model.safetensors and quiver's metadata.
+
+    Raises:
+        QuiverError: `path` exists and is not empty, or the expert's weights are corrupt.
+    """
+    weights = encode_weights(expert.weights)  # a stored expert's: also checks the content hash
+    target = Path(path)
+    if target.exists() and any(target.iterdir()):
+        raise QuiverError(f"{path} exists and is not empty")
+    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    try:
+        _write_synced(str(staging / ADAPTER_CONFIG), json.dumps(expert.adapter_config).encode())
+        _write_synced(str(staging / ADAPTER_WEIGHTS), weights)
+        _write_synced(str(staging / MANIFEST), expert.info.to_json())
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_name(name: str, what: str = "expert") -> None:
