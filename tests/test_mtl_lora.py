@@ -301,6 +301,39 @@ def test_build_is_one_entry_evaluated_by_task_row_and_refused_by_lora_methods(
         cluster_experts(library.experts() * 2, MBCConfig(k=1))
 
 
+def test_an_interrupted_build_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
+    from quiver.data import load_task
+
+    tasks = jsonl_tasks(tmp_path / "tasks")
+    lib = str(tmp_path / "lib")
+    build = BuildConfig(strategy="mtl-lora", workers=1)
+    real, steps_run, crash = training._lr_factor, [], {"at": 3}
+
+    def factor(step, steps, warmup):
+        if step == crash["at"]:
+            raise KeyboardInterrupt
+        steps_run.append(step)
+        return real(step, steps, warmup)
+
+    monkeypatch.setattr(training, "_lr_factor", factor)
+    with pytest.raises(KeyboardInterrupt):
+        build_library(tasks, lib, "tiny-llama", FAST, build, show_progress=False, adapter=SPEC)
+    assert Library(lib).names() == [] and Library(lib).run_state("mtl-lora").read()[1][
+        "step"] == 2
+    crash["at"] = None
+    steps_run.clear()
+    report = build_library(tasks, lib, "tiny-llama", FAST, build, show_progress=False,
+                           adapter=SPEC)
+    assert [o.status for o in report.outcomes] == ["trained"] and steps_run == [2, 3]
+    assert Library(lib).run_state("mtl-lora").read() is None  # cleared once stored
+    model, tokenizer = tiny
+    uninterrupted, _ = train_expert(model, tokenizer, [load_task(t) for t in tasks], "mtl-lora",
+                                    FAST, adapter=SPEC, show_progress=False)
+    resumed = Library(lib).get("mtl-lora")
+    for key, value in uninterrupted.weights.items():
+        torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)
+
+
 def test_options_of_another_adapter_are_refused_before_anything_is_written(tmp_path):
     from quiver.adapters import PolyMHRConfig, adapter_for_strategy
 
