@@ -63,8 +63,8 @@ def config_options(cls: type, param: str = "config"):
                 annotation = str
             if default is dataclasses.MISSING:  # a field without default: a required option
                 default = ...
-            option = typer.Option(default, "--" + f.name.replace("_", "-"),
-                                  help=f.metadata.get("help", ""))
+            flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))  # e.g. --from
+            option = typer.Option(default, flag, help=f.metadata.get("help", ""))
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                             default=option, annotation=annotation))
             names.append(f.name)
@@ -173,6 +173,36 @@ def tasks_ls(
     for row in rows:
         table.add_row(row.name, row.kind, str(row.examples), row.description)
     console.print(table)
+
+
+# --------------------------------------------------------------------------- adapt
+from quiver.adaptation import AdaptConfig  # noqa: E402
+
+
+@app.command()
+@config_options(TrainConfig)
+@config_options(AdaptConfig, param="adapt_config")
+def adapt(
+    task: str = typer.Option(..., "--task", help="the new task"),
+    library: str = typer.Option(..., "--library", help="library the result is added to"),
+    name: str = typer.Option(..., "--name", help="name of the new entry"),
+    base: str = typer.Option(DEFAULT_MODEL, "--base", help="base model name, folder or HF id"),
+    dtype: str = typer.Option("auto", help="base weights: auto (GPU bf16, CPU fp32), fp32, bf16"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+    config: TrainConfig = None,
+    adapt_config: AdaptConfig = None,
+) -> None:
+    """Adapt to a new task from a few of its examples (--shots) with a method that starts
+    from nothing, a Poly/MHR entry or a library of LoRA experts (--from), and add the result
+    to the library. --shots replaces --max-train; mhr-mu and lib-mu take --rank and
+    --target-modules from their source; lorahub searches instead of training."""
+    from quiver.adaptation import adapt_task
+
+    expert = adapt_task(task, library, name, adapt_config, config, base, dtype, not quiet)
+    loss = expert.info.metrics.get("best_valid_loss", expert.info.metrics.get("lorahub_loss"))
+    console.print(f"added [bold]{expert.name}[/] to {library}: {adapt_config.method} on "
+                  f"{adapt_config.shots} examples of {expert.info.tasks[0]}, a "
+                  f"{expert.info.kind} entry (loss {loss:.4f})")
 
 
 # ------------------------------------------------------------------------- library
