@@ -56,8 +56,8 @@ def setup(tiny, tmp_path_factory):
     return {"root": root, "lib": lib, "experts": experts, "new": reverse, "seen": copy}
 
 
-def adapt(setup, tiny, name, method, source="", shots=8, train=FAST, **options):
-    return adapt_task(setup["new"], setup["lib"], name,
+def adapt(setup, tiny, name, method, source="", shots=8, train=FAST, task="new", **options):
+    return adapt_task(setup[task], setup["lib"], name,
                       AdaptConfig(method=method, shots=shots, source=source, **options),
                       train, show_progress=False, model_and_tokenizer=tiny)
 
@@ -225,6 +225,7 @@ def copy_as(expert, name: str, **changes) -> Expert:
     ("mhr-z", "", 4, "mhr-z adapts from a source: pass --from"),
     ("mhr-z", "nothing", 4, "no entry 'nothing' in the library"),
     ("mhr-z", "plain", 4, "mhr-z adapts a Poly/MHR entry; 'plain' is a lora adapter"),
+    ("mhr-mu", "mhr", 4, "entry 'mhr' was trained on 'jsonl:.*copy.jsonl'"),
     ("polylib", "LIB", 4, "polylib uses a library of LoRA experts; 'mhr'"),
     ("lib-mu", "SEEN", 4, "was trained on 'jsonl:"),
     ("lorahub", "OTHER", 4, "was made for base model"),
@@ -249,8 +250,9 @@ def test_bad_input_is_refused_and_adds_nothing(setup, tiny, method, source, shot
                 other.add(copy_as(copy, name, base_fingerprint="f00"))
     source = setup["lib"] if source == "LIB" else source
     before = lib.names()
+    task = "seen" if message.startswith("entry 'mhr' was trained") else "new"
     with pytest.raises(QuiverError, match=message):
-        adapt(setup, tiny, "refused", method, source=source, shots=shots)
+        adapt(setup, tiny, "refused", method, source=source, shots=shots, task=task)
     assert lib.names() == before and "refused" not in lib
     assert fingerprint(model) == fingerprint(tiny[0])
 
@@ -280,3 +282,27 @@ def test_adapt_and_eval_from_the_command_line(setup, tmp_path, monkeypatch, caps
                            "bad", "--base", "tiny-llama")
     assert code == 2 and "unknown task" in err
     assert Library(lib).names() == before
+
+
+def test_an_interrupted_mhr_z_adaptation_resumes_to_the_same_weights(setup, tiny, monkeypatch):
+    import quiver.training as training
+
+    config = dataclasses.replace(FAST, steps=6)
+    whole = adapt(setup, tiny, "whole", "mhr-z", source="mhr", train=config)
+    real = training._lr_factor
+
+    def crash_at_step_5(step, steps, warmup):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(step, steps, warmup)
+
+    monkeypatch.setattr(training, "_lr_factor", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        adapt(setup, tiny, "resumed", "mhr-z", source="mhr", train=config)
+    assert "resumed" not in Library(setup["lib"])  # nothing added by a failed run
+    assert Library(setup["lib"]).run_state("resumed").read()[1]["step"] == 4
+    monkeypatch.setattr(training, "_lr_factor", real)
+    resumed = adapt(setup, tiny, "resumed", "mhr-z", source="mhr", train=config)
+    for key, value in whole.weights.items():
+        torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)
+    assert Library(setup["lib"]).run_state("resumed").read() is None  # cleared once added

@@ -129,7 +129,8 @@ def _source(config: AdaptConfig, task: str, library: Library | None):
 
     Raises:
         QuiverError: a source given to private or missing for the others; an entry that is
-            not Poly/MHR; a library with other kinds of entries or experts trained on `task`.
+            not Poly/MHR or was trained on `task`; a library with other kinds of entries or
+            experts trained on `task`.
     """
     wanted = METHODS[config.method]
     if wanted is None:
@@ -144,6 +145,9 @@ def _source(config: AdaptConfig, task: str, library: Library | None):
                               "(--from names a Poly/MHR entry of --library)")
         entry = library.get(config.source)
         check_poly_entry(entry, config.method)
+        if task in entry.info.tasks:
+            raise QuiverError(f"entry {config.source!r} was trained on {task!r} (it has a "
+                              "routing row for it): adapt to a task it holds out")
         return entry
     experts = Library(config.source).experts()
     for expert in experts:  # the kinds first: an entry of another kind is the bigger mistake
