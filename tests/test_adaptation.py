@@ -287,22 +287,22 @@ def test_adapt_and_eval_from_the_command_line(setup, tmp_path, monkeypatch, caps
 def test_an_interrupted_mhr_z_adaptation_resumes_to_the_same_weights(setup, tiny, monkeypatch):
     import quiver.training as training
 
-    config = dataclasses.replace(FAST, steps=6)
-    whole = adapt(setup, tiny, "whole", "mhr-z", source="mhr", train=config)
+    config = dataclasses.replace(FAST, batch_size=2)  # 4 steps, saved at step 2
+    whole = adapt(setup, tiny, "whole", "mhr-z", source="mhr", train=config, shots=4)
     real = training._lr_factor
 
-    def crash_at_step_5(step, steps, warmup):
-        if step == 5:
+    def crash_at_step_3(step, steps, warmup):
+        if step == 3:
             raise KeyboardInterrupt
         return real(step, steps, warmup)
 
-    monkeypatch.setattr(training, "_lr_factor", crash_at_step_5)
+    monkeypatch.setattr(training, "_lr_factor", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
-        adapt(setup, tiny, "resumed", "mhr-z", source="mhr", train=config)
+        adapt(setup, tiny, "resumed", "mhr-z", source="mhr", train=config, shots=4)
     assert "resumed" not in Library(setup["lib"])  # nothing added by a failed run
-    assert Library(setup["lib"]).run_state("resumed").read()[1]["step"] == 4
+    assert Library(setup["lib"]).run_state("resumed").read()[1]["step"] == 2
     monkeypatch.setattr(training, "_lr_factor", real)
-    resumed = adapt(setup, tiny, "resumed", "mhr-z", source="mhr", train=config)
+    resumed = adapt(setup, tiny, "resumed", "mhr-z", source="mhr", train=config, shots=4)
     for key, value in whole.weights.items():
         torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)
     assert Library(setup["lib"]).run_state("resumed").read() is None  # cleared once added
