@@ -272,6 +272,17 @@ def test_adapt_and_eval_from_the_command_line(setup, tmp_path, monkeypatch, caps
                              "--limit", 2)
     assert code == 0, err
     assert "reverse" in out
+    code, out, err = run_cli(monkeypatch, capsys, "adapt", "--task", setup["new"], "--shots", 4,
+                             "--method", "lorahub", "--from", setup["experts"], "--library",
+                             lib, "--name", "cli-lorahub", "--lorahub-budget", 3, "--base",
+                             "tiny-llama", "--quiet")
+    assert code == 0, err
+    assert "added cli-lorahub" in out and "a lora entry" in out
+    assert len(Library(lib).get("cli-lorahub").info.training["lorahub"]["evaluations"]) == 3
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "--method", "expert:cli-lorahub",
+                             "--library", lib, "--base", "tiny-llama", "--task", setup["new"],
+                             "--limit", 2, "--allow-seen")  # its task: the test split is held out
+    assert code == 0, err
     before = Library(lib).names()
     code, _, err = run_cli(monkeypatch, capsys, "adapt", "--task", setup["new"], "--shots", 6,
                            "--method", "mhr-y", "--from", "mhr", "--library", lib, "--name",

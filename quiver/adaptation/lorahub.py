@@ -11,13 +11,14 @@ and w minimises, over at most `shots` examples of the task,
     L(w) = mean target cross-entropy of the model with (A_w, B_w) + l1 * sum_e |w_e|
 
 with each w_e in [-bound, bound], starting from w = 0 (the base model) with CMA-ES's step
-size sigma = 0.5 (a third of the bound: quiver's choice), for a budget of loss evaluations. LoraHub's defaults: l1 = 0.05, bound 1.5, budget 40. LoraHub searches with
-nevergrad's NGOpt, a selector that picks an optimiser from the budget, the dimension and the
-parametrisation (CMA-ES among its choices for continuous bounded problems); nevergrad is not
-installable here, so quiver uses CMA-ES from `cma` (pycma, maintained by CMA-ES's author)
-directly, which also makes the search one fixed, seeded algorithm. The start w = 0 is the
-first evaluation, so the result is never worse (in L) than the base model; the weights of
-the best evaluation are kept (not a model-based recommendation). The result is a plain LoRA
+size sigma = 0.5 (a third of the bound: quiver's choice), for a budget of loss evaluations.
+LoraHub's defaults: l1 = 0.05, bound 1.5, budget 40. LoraHub searches with nevergrad's NGOpt,
+a selector that picks an optimiser from the budget, the dimension and the parametrisation
+(CMA-ES among its choices for continuous bounded problems); nevergrad is not installable
+here, so quiver uses CMA-ES from `cma` (pycma, maintained by CMA-ES's author) directly,
+which also makes the search one fixed, seeded algorithm. The start w = 0 is the first
+evaluation, so the result is never worse (in L) than the base model; the weights of the
+best evaluation are kept (not a model-based recommendation). The result is a plain LoRA
 of the experts' rank (no training follows: LoraHub is gradient-free).
 """
 
