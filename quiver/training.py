@@ -113,6 +113,7 @@ class MemoryPlan:
     gradient_checkpointing: bool
     estimated_bytes: int = 0  # activation memory of the largest part, as estimated
     available_bytes: int = 0  # memory free when planned (0: not measured)
+    lean_allocator: bool = False  # glibc told to hand freed activations back (see plan_memory)
 
     def describe(self) -> str:
         parts = (f"parts of <= {self.micro_batch_tokens} tokens" if self.micro_batch_tokens
@@ -261,7 +262,6 @@ def train_expert(
         raise QuiverError("no tasks to train on")
     train_set, valid_set = _tokenized_splits(tokenizer, tasks, config)
     device = next(model.parameters()).device
-    _return_freed_memory()
     what = {k: v for k, v in to_dict(config).items() if k not in MEMORY_FIELDS}
     key = {"config": what, "tasks": [t.name for t in tasks]}
     if adapter is not None:  # only then: the keys of LoRA runs saved before stay the same
@@ -283,6 +283,8 @@ def train_expert(
                 _resume(run_state, run_key, trainer, optimizer, state)
             plan = plan_memory(model, train_set, config, previous=state.memory)
             state.memory = asdict(plan)
+            if plan.lean_allocator:
+                _return_freed_memory()
             batches = _batch_plan(train_set, config, steps)
             with gradient_checkpointing(model, plan.gradient_checkpointing):
                 _loop(
@@ -431,6 +433,10 @@ def mean_target_loss(
 
 # ---------------------------------------------------------------------------- memory
 MEMORY_FRACTION = 0.5  # of the free memory, for activations: the rest for others and error
+# glibc's own mmap threshold keeps freed activations in the heap: peak RSS per token 3.0 MiB
+# instead of 2.0 with `_return_freed_memory`, which in turn costs page faults on every step
+# (1.4x the step time, measured: benchmarks/README.md). So it is used only when memory is tight.
+GLIBC_OWN_THRESHOLD_FACTOR = 1.5
 CPU_PART_TOKENS = 512  # on a CPU, bigger parts are no faster (benchmarks/README.md), only bigger
 # Activation memory per token and decoder layer, in values of the model's dtype: what autograd
 # saves (summed with torch.autograd.graph.saved_tensors_hooks on SmolLM2-135M, fp32, LoRA r=4 on
@@ -459,7 +465,9 @@ def plan_memory(
     optimizer, other processes and the estimate's error need the rest); on a CPU it also keeps
     parts to `CPU_PART_TOKENS` (or one row), as bigger ones are no faster. A resumed run passes
     `previous`, the plan it started with, and keeps its auto choices, so it takes the same steps
-    as a run never interrupted, whatever memory is free now.
+    as a run never interrupted, whatever memory is free now. On a CPU, where glibc's heap
+    would hold the activations of one step beside the next (`GLIBC_OWN_THRESHOLD_FACTOR`) past
+    the budget, the plan asks for the lean allocator (`_return_freed_memory`).
     """
     device = next(model.parameters()).device
     widest = max(len(e) for e in examples)
@@ -485,7 +493,9 @@ def plan_memory(
         tokens = max(tokens, widest)
         tokens = 0 if tokens >= batch_tokens else tokens  # whole batches fit
     part = min(max(tokens, widest), batch_tokens) if tokens else batch_tokens
-    return MemoryPlan(tokens, checkpointing, int(part * cost(checkpointing)), int(available))
+    estimate = int(part * cost(checkpointing))
+    lean = device.type == "cpu" and estimate * GLIBC_OWN_THRESHOLD_FACTOR > budget
+    return MemoryPlan(tokens, checkpointing, estimate, int(available), lean)
 
 
 def activation_bytes_per_token(
@@ -564,8 +574,10 @@ def _return_freed_memory() -> None:
     from the heap, which only shrinks from its top, so one step's freed activations stay in
     the process and the next step's land beside them. Fixing the threshold at its default,
     128 KiB, keeps big blocks mapped and returned when freed. Measured on SmolLM2, 512 tokens:
-    peak RSS per token 2.0 MiB instead of 3.0, with checkpointing 0.15 instead of 1.07; step
-    time unchanged within noise.
+    peak RSS per token 2.0 MiB instead of 3.0, with checkpointing 0.15 instead of 1.07. It is
+    not free: every step maps and zeroes its activations afresh, and on a 2-core Xeon a step
+    of 8 x 256 tokens took 1.4x as long (40 s of 166 in the kernel, page faults), so the memory
+    plan calls it only when memory is tight. It stays in effect for the process.
     """
     if platform.system() != "Linux":
         return

@@ -298,10 +298,12 @@ def test_auto_memory_plan_splits_then_checkpoints_as_memory_shrinks(tiny, monkey
 
     plenty = plan_with(1e12)
     assert (plenty.micro_batch_tokens, plenty.gradient_checkpointing) == (0, False)
+    assert not plenty.lean_allocator  # glibc's own allocator is faster where memory allows
     rows = plan_with(2 * 3 * widest * per_token)  # half the free memory: about 3 rows
     assert widest <= rows.micro_batch_tokens < 8 * widest and not rows.gradient_checkpointing
     tight = plan_with(widest * per_token)  # one row would not fit without checkpointing
     assert tight.gradient_checkpointing and tight.micro_batch_tokens >= widest
+    assert tight.lean_allocator  # and freed activations go back to the system
     assert plan_with(1e12, gradient_checkpointing="on").gradient_checkpointing
     assert not plan_with(1, gradient_checkpointing="off").gradient_checkpointing
     assert plan_with(1, micro_batch_tokens=100).micro_batch_tokens == 100
