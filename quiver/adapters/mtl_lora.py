@@ -37,12 +37,12 @@ import torch
 from torch import nn
 
 from quiver.adapters.task_rows import (
-    PEFT_PREFIX,
     TaskRouting,
     TaskRowAdapter,
     adapter_options,
     attach_task_layers,
     check_batch_rows,
+    weights_by_module,
 )
 from quiver.errors import QuiverError
 
@@ -264,14 +264,7 @@ def check_mtl_lora_adapter(adapter_config: dict, weights: dict[str, torch.Tensor
         QuiverError: a key that is not an MTL-LoRA weight, a missing part, or a shape that
             does not match the config or the base model.
     """
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in weights.items():
-        match = _KEY.match(key)
-        if match is None:
-            raise QuiverError(f"not an MTL-LoRA weight: {key!r}")
-        parts.setdefault(match["module"].removeprefix(PEFT_PREFIX), {})[match["part"]] = tensor
-    if not parts:
-        raise QuiverError("the adapter has no MTL-LoRA weights")
+    parts = weights_by_module(weights, _KEY, "MTL-LoRA")
     rank, tasks = adapter_config.get("r"), adapter_config.get("n_tasks")
     n = adapter_config.get("up_projections")
     for module, found in parts.items():

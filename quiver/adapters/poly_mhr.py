@@ -38,12 +38,12 @@ from torch import nn
 from torch.distributions import RelaxedBernoulli
 
 from quiver.adapters.task_rows import (
-    PEFT_PREFIX,
     TaskRouting,
     TaskRowAdapter,
     adapter_options,
     attach_task_layers,
     check_batch_rows,
+    weights_by_module,
 )
 from quiver.errors import QuiverError
 
@@ -250,14 +250,7 @@ def check_poly_adapter(adapter_config: dict, weights: dict[str, torch.Tensor],
         QuiverError: a key that is not a Poly weight, a missing part, or a shape that does not
             match the config or the base model.
     """
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in weights.items():
-        match = _KEY.match(key)
-        if match is None:
-            raise QuiverError(f"not a Poly weight: {key!r}")
-        parts.setdefault(match["module"].removeprefix(PEFT_PREFIX), {})[match["part"]] = tensor
-    if not parts:
-        raise QuiverError("the adapter has no Poly weights")
+    parts = weights_by_module(weights, _KEY, "Poly")
     heads, skills = adapter_config.get("n_splits"), adapter_config.get("n_skills")
     rank, tasks = adapter_config.get("r"), adapter_config.get("n_tasks")
     for module, found in parts.items():
