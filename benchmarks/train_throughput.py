@@ -18,8 +18,10 @@ Writes benchmarks/results/train_throughput.json and .md
 
 --memory: batch 16 x 512 tokens (long bigbench:logic_grid_puzzle examples, fp32), whole and
 in parts (`micro_batch_tokens`), with and without gradient checkpointing, and quiver's `auto`
-choice; each run in its own process, the variants in rounds, alternating order, so that a
-shared CPU's drift falls on all of them. Writes results/train_throughput_memory.json and .md
+choice, and parts / checkpointing with the lean allocator (glibc's mmap threshold fixed, as
+the memory plan does when memory is tight); each run in its own process, the variants in
+rounds, alternating order, so that a shared CPU's drift falls on all of them. Writes
+results/train_throughput_memory.json and .md
 
 --parallel: two trainings at once in two processes with 1 thread each, against the same two
 one after the other with 2 threads (what `quiver build --workers 2` does against
@@ -59,6 +61,12 @@ MEMORY_VARIANTS = {  # TrainConfig settings of each --memory variant
     "parts-512": {"micro_batch_tokens": 512, "gradient_checkpointing": "off"},
     "checkpointing": {"micro_batch_tokens": WHOLE, "gradient_checkpointing": "on"},
     "auto": {"micro_batch_tokens": 0, "gradient_checkpointing": "auto"},
+}
+# Variants run with glibc's mmap threshold fixed (`quiver.training._return_freed_memory`, which
+# the memory plan uses only when memory is tight): less peak RSS, more page faults per step.
+LEAN_VARIANTS = {
+    "parts-512-lean": MEMORY_VARIANTS["parts-512"],
+    "checkpointing-lean": MEMORY_VARIANTS["checkpointing"],
 }
 
 
@@ -155,16 +163,20 @@ def run_memory_variant(variant: str, args) -> dict:
     from quiver.models import load_base
     from quiver.training import (
         TrainConfig,
+        _return_freed_memory,
         activation_bytes_per_token,
         available_memory,
         train_expert,
     )
 
+    settings = {**MEMORY_VARIANTS, **LEAN_VARIANTS}[variant]
+    if variant in LEAN_VARIANTS:
+        _return_freed_memory()
     model, tokenizer = load_base("smollm2-135m", device="cpu", dtype=torch.float32)
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     config = TrainConfig(epochs=1.0, batch_size=LONG_BATCH, max_length=LONG_LENGTH,
                          eval_every=10_000, eval_examples=1, max_train=LONG_BATCH * args.steps,
-                         seed=0, **MEMORY_VARIANTS[variant])
+                         seed=0, **settings)
     task = load_task(LONG_TASK)  # only examples of at least 512 tokens: every batch is 16 x 512
     long = [e for e in task.split("train", SplitConfig())
             if len(tokenize_example(tokenizer, e, 10_000)) >= LONG_LENGTH]
@@ -177,7 +189,8 @@ def run_memory_variant(variant: str, args) -> dict:
                              config, show_progress=False)
     return {
         "variant": variant,
-        "plan": result.memory.describe().split(" (")[0],
+        "plan": result.memory.describe().split(" (")[0]
+        + (", lean allocator" if variant in LEAN_VARIANTS or result.memory.lean_allocator else ""),
         "steps": result.steps,
         "tokens": result.tokens,
         "seconds": round(result.seconds, 2),
@@ -189,7 +202,8 @@ def run_memory_variant(variant: str, args) -> dict:
 
 def _memory_benchmark(args) -> None:
     """Each variant once per round, in its own process; reversed order every other round."""
-    variants = args.variants if args.variants != VARIANTS else list(MEMORY_VARIANTS)
+    variants = (args.variants if args.variants != VARIANTS
+                else list(MEMORY_VARIANTS) + list(LEAN_VARIANTS))
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for round_ in range(args.rounds):
         for variant in variants if round_ % 2 == 0 else variants[::-1]:

@@ -639,6 +639,9 @@ class _LoraAdapter:
 
     def __init__(self, model: PreTrainedModel, config: TrainConfig) -> None:
         self._model, self._config = model, config
+        # PEFT freezes the base model's parameters; `remove` puts them and the mode back
+        self._was_training = model.training
+        self._requires_grad = {p: p.requires_grad for p in model.parameters()}
         self.peft_model = _wrap_with_lora(model, config)
         self.causal_lm = self.peft_model.get_base_model()
 
@@ -666,6 +669,9 @@ class _LoraAdapter:
 
     def remove(self) -> None:
         self.peft_model.unload()
+        for param, flag in self._requires_grad.items():
+            param.requires_grad_(flag)
+        self._model.train(self._was_training)
 
 
 def _wrap_with_lora(model, config: TrainConfig):

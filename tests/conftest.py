@@ -22,6 +22,33 @@ def tiny():
     return load_base("tiny-llama", device="cpu")
 
 
+def _model_state(model) -> tuple:
+    """What a test could leave changed in a shared model: modules, weights, modes, threads."""
+    return (tuple(name for name, _ in model.named_modules()),
+            tuple((name, p.requires_grad, p.detach().clone()) for name, p in
+                  model.named_parameters()),
+            model.training, torch.get_num_threads())
+
+
+@pytest.fixture(autouse=True)
+def _tiny_stays_unchanged(request):
+    """Fail the test that leaves the shared tiny model (or the thread count) changed, rather
+    than a later test that happens to depend on it."""
+    if "tiny" not in request.fixturenames:
+        yield
+        return
+    model = request.getfixturevalue("tiny")[0]
+    before = _model_state(model)
+    yield
+    after = _model_state(model)
+    assert before[0] == after[0], "the test left modules added to or removed from `tiny`"
+    for (name, grad, value), (_, grad_after, value_after) in zip(before[1], after[1],
+                                                                   strict=True):
+        assert grad == grad_after, f"the test left {name}.requires_grad changed in `tiny`"
+        assert torch.equal(value, value_after), f"the test left {name} changed in `tiny`"
+    assert before[2:] == after[2:], "the test left `tiny`'s mode or the thread count changed"
+
+
 def make_task(name: str = "toy:copy", n: int = 60) -> Task:
     """A generative task the tiny model can learn a little of: repeat a word."""
     words = ["apple", "river", "stone", "cloud", "green", "house", "light", "music"]

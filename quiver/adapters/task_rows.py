@@ -134,6 +134,7 @@ class TaskRowAdapter:
         self.causal_lm, self.layers, self.task_names = model, layers, list(task_names)
         self.config, self.lora, self.routing = config, lora, routing
         self._frozen = frozen
+        self._was_training = model.training  # `remove` puts the mode back too
 
     def set_task(self, task: str | int) -> None:
         """Run every input with one task's row (by name or row index).
@@ -176,11 +177,13 @@ class TaskRowAdapter:
                     param.copy_(value)
 
     def remove(self) -> None:
-        """Put the original linear layers back and restore `requires_grad` as found."""
+        """Put the original linear layers back and restore `requires_grad` and the
+        train/eval mode as found."""
         for module, layer in self.layers.items():
             replace_module(self.causal_lm, module, layer.base)
         for param, flag in self._frozen.items():
             param.requires_grad_(flag)
+        self.causal_lm.train(self._was_training)
         if getattr(self.causal_lm, "quiver_task_routing", None) is self.routing:
             del self.causal_lm.quiver_task_routing
         self.layers = {}
