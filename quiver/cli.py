@@ -460,5 +460,65 @@ def demo(
     run_demo(library, steps, fresh, console)
 
 
+# ------------------------------------------------------------------- generate, serve
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="the prompt (with --chat: the user's message)"),
+    library: str = typer.Option(None, help="library folder or fsspec URL"),
+    method: str = typer.Option(None, help="base, arrow or uniform (default: arrow with a "
+                                          "library, else base)"),
+    expert: str = typer.Option(None, help="one expert of the library (a merge is one too)"),
+    base: str = typer.Option(None, help="base model (default: the library's)"),
+    dtype: str = typer.Option("auto", help="base weights: auto (GPU bf16, CPU fp32), fp32, bf16"),
+    chat: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
+    max_new_tokens: int = typer.Option(64, help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, help="0 is greedy; higher samples more freely"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling: keep this much probability"),
+    seed: int = typer.Option(None, help="seed of the sampling"),
+    top_k: int = typer.Option(4, help="Arrow: experts per token"),
+) -> None:
+    """Print the completion of a prompt by a library (Arrow or uniform routing), one of its
+    experts, or the bare base model."""
+    from quiver.serving.generate import generate_text, load_served, model_name
+    from quiver.serving.sampling import SamplingParams
+
+    if expert and method:
+        raise QuiverError("pass --method or --expert, not both")
+    if (expert or method not in (None, "base")) and not library:
+        raise QuiverError(f"{'--expert' if expert else method!r} needs a library (--library)")
+    sampling = SamplingParams(max_new_tokens, temperature, top_p, seed)
+    served = load_served(library, base, dtype, top_k)
+    name = model_name(method or ("arrow" if library else "base"), expert)
+    print(generate_text(served, prompt, name, sampling, chat))
+
+
+from quiver.serving.config import ServeConfig  # noqa: E402
+
+
+@app.command("serve")
+@config_options(ServeConfig)
+def serve_command(
+    library: str = typer.Option(None, help="library folder or fsspec URL (without one: the "
+                                           "bare base model only)"),
+    base: str = typer.Option(None, help="base model (default: the library's)"),
+    dtype: str = typer.Option("auto", help="base weights: auto (GPU bf16, CPU fp32), fp32, bf16"),
+    api_key: str = typer.Option(None, "--api-key", envvar="QUIVER_API_KEY",
+                                help="require this key (Authorization: Bearer KEY); prefer "
+                                     "the QUIVER_API_KEY variable, which `ps` does not show"),
+    config: ServeConfig = None,
+) -> None:
+    """Serve a library over OpenAI's HTTP API: /v1/models, /v1/completions,
+    /v1/chat/completions (streamed or not) and /health; each request names base, arrow,
+    uniform or expert:NAME as its model, and requests naming different ones are batched."""
+    from quiver.serving.generate import load_served
+    from quiver.serving.server import serve
+
+    served = load_served(library, base, dtype, config.top_k, config.arrow_temperature)
+    Console(stderr=True).print(f"serving {', '.join(served.routes)} on "
+                               f"http://{config.host}:{config.port}/v1"
+                               f"{' (API key required)' if api_key else ''}", highlight=False)
+    serve(served, config, api_key or None)
+
+
 if __name__ == "__main__":
     main()

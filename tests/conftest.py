@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 
 import pytest
 import torch
@@ -78,4 +80,111 @@ def tiny_library(tiny, tmp_path_factory):
         expert, _ = train_expert(model, tokenizer, [make_task(f"toy:{name}")], name, config,
                                  show_progress=False)
         library.add(expert)
+    return library
+
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "house", "light", "music"]
+
+
+def write_task(path, how: str = "copy", n: int = 24) -> str:
+    """A tiny generative JSONL task; returns its task name (`jsonl:PATH`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    verbs = {"copy": lambda w: w, "upper": str.upper, "reverse": lambda w: w[::-1],
+             "first": lambda w: w[0]}
+    rows = [{"prompt": f"{how}: {WORDS[i % 8]} {i}\nAnswer:",
+             "target": f" {verbs[how](WORDS[i % 8])}"} for i in range(n)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return f"jsonl:{path}"
+
+
+def jsonl_tasks(folder, hows=("copy", "upper")) -> list[str]:
+    """Tiny generative JSONL tasks in `folder` (loadable by name, as the CLI needs)."""
+    return [write_task(folder / f"{how}.jsonl", how) for how in hows]
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`quiver ARGS` through the real entry point, in this process (a subprocess costs ~8 s)."""
+    from quiver.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys, "argv", ["quiver", *map(str, args)])
+    with pytest.raises(SystemExit) as done:
+        main()
+    out, err = capsys.readouterr()
+    return done.value.code, out, err
+
+
+def check_an_interrupted_build_resumes(tiny, folder, monkeypatch, strategy, spec, config):
+    """Build `strategy` (one entry named after it) on two tiny tasks, stop it at step 3, build
+    again: it trains steps 2 and 3 only, clears its run state, and stores exactly the weights
+    of a training never interrupted."""
+    import quiver.training as training
+    from quiver.build import BuildConfig, build_library
+    from quiver.data import load_task
+
+    tasks = jsonl_tasks(folder / "tasks")
+    lib = str(folder / "lib")
+    build = BuildConfig(strategy=strategy, workers=1)
+    real, steps_run, crash = training._lr_factor, [], {"at": 3}
+
+    def factor(step, steps, warmup):
+        if step == crash["at"]:
+            raise KeyboardInterrupt
+        steps_run.append(step)
+        return real(step, steps, warmup)
+
+    monkeypatch.setattr(training, "_lr_factor", factor)
+    with pytest.raises(KeyboardInterrupt):
+        build_library(tasks, lib, "tiny-llama", config, build, show_progress=False,
+                      adapter=spec)
+    assert Library(lib).names() == [] and Library(lib).run_state(strategy).read()[1][
+        "step"] == 2
+    crash["at"] = None
+    steps_run.clear()
+    report = build_library(tasks, lib, "tiny-llama", config, build, show_progress=False,
+                           adapter=spec)
+    assert [o.status for o in report.outcomes] == ["trained"] and steps_run == [2, 3]
+    assert Library(lib).run_state(strategy).read() is None  # cleared once stored
+    model, tokenizer = tiny
+    uninterrupted, _ = train_expert(model, tokenizer, [load_task(t) for t in tasks], strategy,
+                                    config, adapter=spec, show_progress=False)
+    resumed = Library(lib).get(strategy)
+    for key, value in uninterrupted.weights.items():  # the stored (PEFT) form of both
+        torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)
+
+
+def random_lora(name: str, model, generator: torch.Generator, modules=None, scale=0.5,
+                rank: int = 4):
+    """An untrained LoRA expert with random A and B (B large enough to change the outputs)."""
+    from quiver.library import Expert, ExpertInfo
+
+    modules = modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj"]
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+              "target_modules": list(modules), "bias": "none", "task_type": "CAUSAL_LM"}
+    weights = {}
+    for module, (fan_in, fan_out) in linear_module_shapes(model).items():
+        if module.rsplit(".", 1)[-1] in modules:
+            key = f"base_model.model.{module}"
+            weights[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in,
+                                                          generator=generator) / fan_in**0.5
+            weights[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank,
+                                                          generator=generator) * scale
+    info = ExpertInfo(name, [f"toy:{name}"], "tiny-llama", fingerprint(model),
+                      {"r": rank, "lora_alpha": 2 * rank}, source="synthetic")
+    return Expert(info, config, weights=weights)
+
+
+@pytest.fixture(scope="module")
+def served_library(tiny, tmp_path_factory) -> Library:
+    """Random experts `a`, `b` (all linear layers), `c` (q and v only) and `ab`, their
+    uniform merge: a library to serve, made in milliseconds."""
+    from quiver.merging import merge_experts
+
+    model, _ = tiny
+    library = new_library(tmp_path_factory.mktemp("served") / "library", model)
+    generator = torch.Generator().manual_seed(0)
+    for name, modules in [("a", None), ("b", None), ("c", ["q_proj", "v_proj"])]:
+        library.add(random_lora(name, model, generator, modules))
+    library.add(merge_experts(library.experts(["a", "b"]), "uniform", "ab")[0])
     return library

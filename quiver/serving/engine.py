@@ -138,6 +138,10 @@ class Engine:
         with self._wake:
             self._wake.notify()
 
+    def alive(self) -> bool:
+        """True while the engine thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def load(self) -> dict[str, int]:
         """Rows in the batch and requests waiting for one."""
         return {"running": len(self._rows), "queued": len(self._pending)}
