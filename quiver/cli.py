@@ -516,7 +516,8 @@ def serve_command(
     served = load_served(library, base, dtype, config.top_k, config.arrow_temperature)
     Console(stderr=True).print(f"serving {', '.join(served.routes)} on "
                                f"http://{config.host}:{config.port}/v1"
-                               f"{' (API key required)' if api_key else ''}", highlight=False)
+                               f"{' (API key required)' if api_key else ''}", highlight=False,
+                               soft_wrap=True)
     serve(served, config, api_key or None)
 
 

@@ -175,7 +175,7 @@ def random_lora(name: str, model, generator: torch.Generator, modules=None, scal
     return Expert(info, config, weights=weights)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served_library(tiny, tmp_path_factory) -> Library:
     """Random experts `a`, `b` (all linear layers), `c` (q and v only) and `ab`, their
     uniform merge: a library to serve, made in milliseconds."""
@@ -188,3 +188,45 @@ def served_library(tiny, tmp_path_factory) -> Library:
         library.add(random_lora(name, model, generator, modules))
     library.add(merge_experts(library.experts(["a", "b"]), "uniform", "ab")[0])
     return library
+
+
+# What tests/test_generate.py and tests/test_serve.py ask the served library: prompts of 1 to 8
+# tokens whose greedy choices are clear (checked below), and every name it serves.
+SERVED_PROMPTS = ["Paris is the capital of", "Hi", "One two three four",
+                  "Repeat: apple 3\nAnswer:"]
+SERVED_NAMES = ["base", "arrow", "uniform", "expert:a", "expert:b", "expert:c", "expert:ab"]
+SERVED_STEPS = 5
+
+
+def reference_generation(model, tokenizer, library, name: str, prompt: str):
+    """(tokens, logits (steps, vocab)) of greedy decoding of one request alone: the bare
+    model, or `quiver.reuse` with the named method or single expert."""
+    from quiver.reuse import reuse
+    from quiver.routing import detach_experts
+
+    if name in ("arrow", "uniform"):
+        reuse(model, library, method=name)
+    elif name.startswith("expert:"):
+        reuse(model, library, method="uniform", experts=[name.split(":", 1)[1]])
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=SERVED_STEPS, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True,
+                                 eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    finally:
+        if name != "base":
+            detach_experts(model)
+    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack(out.scores)[:, 0]
+
+
+@pytest.fixture(scope="session")
+def served_references(tiny, served_library) -> dict:
+    """`{(name, prompt): (tokens, logits)}` for every served name and prompt, one at a time."""
+    model, tokenizer = tiny
+    refs = {(n, p): reference_generation(model, tokenizer, served_library, n, p)
+            for n in SERVED_NAMES for p in SERVED_PROMPTS}
+    for _, logits in refs.values():  # greedy choices far from ties: batching cannot flip them
+        top = logits.topk(2, dim=-1).values
+        assert (top[:, 0] - top[:, 1]).min() > 1e-3
+    return refs

@@ -14,45 +14,12 @@ from typer.testing import CliRunner
 
 from quiver.cli import app
 from quiver.models import load_base
-from quiver.reuse import reuse
-from quiver.routing import detach_experts
 from quiver.serving import Engine, EngineConfig, SamplingParams, serve_library
 from quiver.serving.generate import stop_ids
 from quiver.serving.text import TextStream
+from tests.conftest import SERVED_NAMES, SERVED_PROMPTS, SERVED_STEPS
 
-# prompts of 1 to 8 tokens whose greedy choices are clear (checked in `references`)
-PROMPTS = ["Paris is the capital of", "Hi", "One two three four", "Repeat: apple 3\nAnswer:"]
-NAMES = ["base", "arrow", "uniform", "expert:a", "expert:b", "expert:c", "expert:ab"]
-STEPS = 5
-
-
-def _reference(model, tokenizer, library, name: str, prompt: str):
-    """(tokens, logits (steps, vocab)) of greedy decoding of one request alone."""
-    if name in ("arrow", "uniform"):
-        reuse(model, library, method=name)
-    elif name.startswith("expert:"):
-        reuse(model, library, method="uniform", experts=[name.split(":", 1)[1]])
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    try:
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=STEPS, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True, eos_token_id=None,
-                                 pad_token_id=tokenizer.pad_token_id)
-    finally:
-        if name != "base":
-            detach_experts(model)
-    return out.sequences[0, ids.shape[1]:].tolist(), torch.stack(out.scores)[:, 0]
-
-
-@pytest.fixture(scope="module")
-def references(tiny, served_library):
-    model, tokenizer = tiny
-    refs = {(n, p): _reference(model, tokenizer, served_library, n, p)
-            for n in NAMES for p in PROMPTS}
-    for _, logits in refs.values():  # greedy choices far from ties: batching cannot flip them
-        top = logits.topk(2, dim=-1).values
-        assert (top[:, 0] - top[:, 1]).min() > 1e-3
-    return refs
+PROMPTS, NAMES, STEPS = SERVED_PROMPTS, SERVED_NAMES, SERVED_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +29,7 @@ def served(served_library):
 
 
 @pytest.mark.parametrize("max_batch", [32, 3])
-def test_batched_rows_match_one_at_a_time(served, references, max_batch):
+def test_batched_rows_match_one_at_a_time(served, served_references, max_batch):
     engine = Engine(served, EngineConfig(max_batch=max_batch)).start()
     combos = [(n, p) for n in NAMES for p in PROMPTS]
     # different lengths: with 3 rows, requests leave and join the batch between steps
@@ -76,13 +43,13 @@ def test_batched_rows_match_one_at_a_time(served, references, max_batch):
         engine.stop()
     assert engine.max_rows_seen == min(max_batch, len(combos))
     for combo, budget, got in zip(combos, budgets, events, strict=True):
-        tokens, logits = references[combo]
+        tokens, logits = served_references[combo]
         assert [e.token for e in got] == tokens[:budget], combo
         assert got[-1].finish == "length"
         torch.testing.assert_close(torch.stack([e.logits for e in got]), logits[:budget],
                                    atol=1e-4, rtol=1e-4)
     # the routes differ: the experts change what the base model says
-    assert len({tuple(references[(n, PROMPTS[0])][0]) for n in NAMES}) == len(NAMES)
+    assert len({tuple(served_references[(n, PROMPTS[0])][0]) for n in NAMES}) == len(NAMES)
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(served):
@@ -110,10 +77,10 @@ def test_text_stream_holds_split_characters_and_cuts_stop_strings(tiny):
     assert stream.stopped and "\ufffd" not in "".join(deltas)
 
 
-def test_generate_cli(served_library, served, references):
+def test_generate_cli(served_library, served, served_references):
     runner = CliRunner()
     url = served_library.url
-    expected = served.tokenizer.decode(references[("expert:ab", PROMPTS[0])][0])
+    expected = served.tokenizer.decode(served_references[("expert:ab", PROMPTS[0])][0])
     result = runner.invoke(app, ["generate", PROMPTS[0], "--library", url, "--expert", "ab",
                                  "--max-new-tokens", str(STEPS)])
     assert result.exit_code == 0, result.output

@@ -11,7 +11,7 @@ over `max_prompt_tokens`, `max_tokens` over its limit, an unknown model or a bad
 a 4xx in OpenAI's error shape. At most `max_concurrent` requests are accepted at once: up to
 `max_batch` of them are generated together and the rest wait in the engine's queue; one more
 is answered 429 at once (never queued without bound). A request's slot is freed when the
-engine lets go of it: when it ends, or at the next step after its client disconnects. The
+request ends or its client disconnects (its row leaves the batch at the engine's next step). The
 model names a request can use are looked up in the fixed table made at start-up
 (`ServedModel.routes`); nothing a request sends is used as a path, and the library is only
 read (at start-up).
@@ -71,6 +71,7 @@ class _Job:
         self.prompt_tokens, self.completion_tokens = len(ids), 0
         self.request = Request(ids, route, sampling, self._emit, stop_ids(served))
         slots.take()
+        self._released = False
         engine.submit(self.request)
 
     def _emit(self, event: Event) -> None:  # on the engine thread
@@ -79,11 +80,18 @@ class _Job:
 
     def _receive(self, event: Event) -> None:
         if event.finish is not None:
-            self.slots.release()  # the engine holds nothing of this request any more
+            self._release()  # the engine holds nothing of this request any more
         self.events.put_nowait(event)
 
     def cancel(self) -> None:
+        """Give up the request: its slot is free now, its row at the engine's next step."""
         self.engine.cancel(self.request)
+        self._release()
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.slots.release()
 
     async def deltas(self) -> AsyncIterator[tuple[str, str | None]]:
         """(new text, None) while generating, then (last text, "stop" or "length")."""
