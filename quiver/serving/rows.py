@@ -59,6 +59,7 @@ class RowRoutingContext(RoutingContext):
         self._fixed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer, per plan
         self._arrow_rows: torch.Tensor | None = None
         self._row_kinds = self._row_experts = torch.zeros(0, dtype=torch.long)
+        self._arrow_tokens = torch.zeros(0, 1, dtype=torch.bool)  # (t, 1) Arrow rows' tokens
 
     def set_rows(self, routes: list[Route], tokens_per_row: int) -> None:
         """The routes of the rows of the next forward, each row `tokens_per_row` tokens long."""
@@ -73,6 +74,7 @@ class RowRoutingContext(RoutingContext):
         self._row_experts = torch.tensor([max(route.expert, 0) for route in routes])  # (B,)
         arrow = [r for r, route in enumerate(routes) if route.kind == ARROW]
         self._arrow_rows = self._token_rows(arrow) if arrow and len(arrow) < len(routes) else None
+        self._arrow_tokens = (self._row_kinds == ARROW).repeat_interleave(tokens_per_row)[:, None]
 
     def top_k(self, n_experts: int) -> int:
         """The experts per token in this batch at a layer with `n_experts`: the largest k
@@ -89,13 +91,22 @@ class RowRoutingContext(RoutingContext):
         if self._kinds == {ARROW}:  # every row routed by Arrow: the router as it is
             return self.router(x, layer.keys, projections)
         weights, indices = self._fixed_part(layer, x)
-        if ARROW in self._kinds:
-            weights, indices = weights.clone(), indices.clone()
-            rows = self._arrow_rows.to(x.device)
-            chosen, local = self.router(x[rows], layer.keys,
-                                        None if projections is None else projections[rows])
-            weights[rows, : chosen.shape[1]] = chosen.to(weights.dtype)  # (t_arrow, k)
-            indices[rows] = _pad_distinct(local, indices.shape[1], layer.a_stack.shape[0])
+        if ARROW not in self._kinds:
+            return weights, indices
+        if weights.shape[1] == min(self.router.top_k, layer.a_stack.shape[0]):
+            # Arrow's k is the batch's: route every token (x @ keys^T is there already), keep
+            # Arrow's choice on the Arrow rows' tokens
+            chosen, local = self.router(x, layer.keys, projections)  # (t, k), (t, k)
+            take = self._arrow_tokens.to(x.device)  # (t, 1)
+            return (torch.where(take, chosen.to(weights.dtype), weights),
+                    torch.where(take, local, indices))
+        # a uniform row makes k larger: Arrow's k experts, then other experts at weight 0
+        weights, indices = weights.clone(), indices.clone()
+        rows = self._arrow_rows.to(x.device)
+        chosen, local = self.router(x[rows], layer.keys,
+                                    None if projections is None else projections[rows])
+        weights[rows, : chosen.shape[1]] = chosen.to(weights.dtype)  # (t_arrow, k)
+        indices[rows] = _pad_distinct(local, indices.shape[1], layer.a_stack.shape[0])
         return weights, indices
 
     def _fixed_part(self, layer: RoutedLinear, x: torch.Tensor):

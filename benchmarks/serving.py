@@ -1,0 +1,311 @@
+"""Serving throughput: `quiver serve` against one request at a time and PEFT's mixed batch.
+
+A library of 32 synthetic rank-4 experts (random A and B, on all 7 linear modules of the real
+SmolLM2-135M-Instruct, fp32, CPU; `benchmarks/routing.py`'s `make_library`: untrained, so the
+text means nothing, but the arithmetic is the real one). 64 requests, each naming a random
+expert (`expert:eNNN`) or Arrow (`arrow`, top-4 over all 32; a quarter of them), with prompts
+of 5 to 40 tokens, greedy, at most `--max-tokens` new tokens each, sent at concurrency 1, 8
+and 32:
+
+- quiver: `quiver serve` in its own process, driven over HTTP by the `openai` client from C
+  threads, each sending its next request when the last one is answered (closed loop).
+  Concurrency 1 is "one request at a time". Latency: from sending a request to its answer.
+- PEFT: the same experts loaded into one `PeftModel` (`create_arrow_model`, which also holds
+  each expert as an adapter of its own), the requests in arrival order in batches of C, each
+  batch one `generate(..., adapter_names=[...])` (the expert's adapter or `arrow_router` per
+  row), left-padded. Latency: the duration of the request's batch.
+
+Tokens/s counts generated tokens (up to and without the end-of-sequence token) over the
+wall time of all 64 requests. Everything runs with one torch thread (OMP_NUM_THREADS=1), each
+side in its own process so that its peak RSS is its own. Untimed warm-up rounds first (quiver
+measures its mixture strategies once per layer shape and batch size).
+
+Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serving.py [--max-tokens 32]
+Writes benchmarks/results/serving.json and .md
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from routing import make_library  # noqa: E402
+from train_throughput import cpu_name  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+N_EXPERTS, N_REQUESTS, ARROW_SHARE = 32, 64, 0.25
+CONCURRENCY = (1, 8, 32)
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "Question: What is 17 plus 25? Answer:",
+    "Translate to German: The weather is nice today.",
+    "List three uses of a paperclip:",
+    "Once upon a time, in a small village at the edge of a great forest, there lived an old "
+    "clockmaker who",
+    "Explain in one sentence why the sky is blue.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Summarize: Photosynthesis converts light energy into chemical energy stored in glucose, "
+    "releasing oxygen as a by-product. It takes place in the chloroplasts of plant cells.",
+    "Q: Is a tomato a fruit or a vegetable?\nA:",
+    "The three primary colors are",
+    "Dear hiring manager, I am writing to apply for",
+]
+
+
+def requests_to_send(seed: int = 0) -> list[tuple[str, str]]:
+    """64 (model, prompt) pairs: a random expert, or Arrow a quarter of the time."""
+    rng = random.Random(seed)
+    return [("arrow" if rng.random() < ARROW_SHARE else f"expert:e{rng.randrange(N_EXPERTS):03d}",
+             PROMPTS[i % len(PROMPTS)]) for i in range(N_REQUESTS)]
+
+
+# ------------------------------------------------------------------------------ quiver
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(library: str, port: int, log) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "quiver.cli", "serve", "--library", library, "--port", str(port),
+         "--max-batch", "32", "--max-concurrent", "64"], env=env, stderr=log)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                log.seek(0)
+                raise RuntimeError(f"server did not start: {log.read().decode()}") from None
+            time.sleep(0.5)
+
+
+def _memory_mib(pid: int) -> dict[str, int]:
+    """Peak and current resident memory of a process (Linux /proc)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            fields[key] = round(int(value.split()[0]) / 1024)
+    return {"peak_rss_mib": fields["VmHWM"], "rss_mib": fields["VmRSS"]}
+
+
+def run_quiver(library: str, requests: list[tuple[str, str]], max_tokens: int) -> dict:
+    # the server's stderr goes to a file: a pipe nobody reads could fill and block it
+    with tempfile.TemporaryFile() as log:
+        port = _free_port()
+        started = time.perf_counter()
+        process = _start_server(library, port, log)
+        startup = time.perf_counter() - started
+        try:
+            result = _drive(port, requests, max_tokens)
+            result["memory"] = _memory_mib(process.pid)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    return {"startup_s": round(startup, 1), **result}
+
+
+def _drive(port: int, requests: list[tuple[str, str]], max_tokens: int) -> dict:
+    """The requests at each concurrency, C client threads in a closed loop."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                           max_retries=0, timeout=600)
+
+    def one(request):
+        name, prompt = request
+        sent = time.perf_counter()
+        done = client.completions.create(model=name, prompt=prompt, max_tokens=max_tokens,
+                                         temperature=0)
+        return (time.perf_counter() - sent, done.usage.completion_tokens, done.choices[0].text)
+
+    def run(concurrency: int, batch: list) -> tuple[float, list]:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            answers = list(pool.map(one, batch))
+        return time.perf_counter() - started, answers
+
+    for concurrency in (32, 8, 1):  # warm-up: the mixture strategies are measured once
+        run(concurrency, requests[:concurrency * 2])
+    rows, texts = {}, {}
+    for concurrency in CONCURRENCY:
+        wall, answers = run(concurrency, requests)
+        rows[concurrency] = _row(wall, [a[0] for a in answers], [a[1] for a in answers])
+        texts[concurrency] = [a[2] for a in answers]
+    return {"rows": rows, "texts": texts[CONCURRENCY[-1]]}
+
+
+def _row(wall: float, latencies: list[float], tokens: list[int]) -> dict:
+    return {"wall_s": round(wall, 2), "tokens": int(sum(tokens)),
+            "tokens_per_s": round(sum(tokens) / wall, 1),
+            "p50_s": round(float(np.percentile(latencies, 50)), 2),
+            "p95_s": round(float(np.percentile(latencies, 95)), 2)}
+
+
+# -------------------------------------------------------------------------------- PEFT
+def run_peft(library_dir: str, requests: list[tuple[str, str]], max_tokens: int) -> dict:
+    """PEFT's mixed-adapter batches (in this process, which does nothing else)."""
+    from peft import ArrowConfig, create_arrow_model
+
+    from quiver.library import Library
+    from quiver.models import load_base
+
+    torch.set_num_threads(1)
+    library = Library(library_dir)
+    names = library.names()[:N_EXPERTS]
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = []
+        for name in names:
+            library.export_peft(name, f"{tmp}/{name}")
+            folders.append(f"{tmp}/{name}")
+        base, tokenizer = load_base("smollm2-135m", device="cpu")
+        started = time.perf_counter()
+        model = create_arrow_model(base, folders, ArrowConfig(top_k=4, rng_seed=0))
+        load = time.perf_counter() - started
+    adapter = {f"expert:{name}": f"task_{i}" for i, name in enumerate(names)}
+    adapter["arrow"] = "arrow_router"
+    tokenizer.padding_side = "left"
+    eos = {tokenizer.eos_token_id, model.generation_config.eos_token_id}
+
+    def batch_run(batch):
+        encoded = tokenizer([p for _, p in batch], return_tensors="pt", padding=True)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**encoded, max_new_tokens=max_tokens, do_sample=False,
+                                 adapter_names=[adapter[n] for n, _ in batch],
+                                 pad_token_id=tokenizer.pad_token_id)
+        seconds = time.perf_counter() - started
+        generated = out[:, encoded.input_ids.shape[1]:].tolist()
+        kept = [ids[: next((i for i, t in enumerate(ids) if t in eos), len(ids))]
+                for ids in generated]
+        return seconds, kept
+
+    batch_run(requests[:8])  # warm-up
+    rows, texts = {}, []
+    for concurrency in CONCURRENCY:
+        wall, latencies, tokens, texts = 0.0, [], [], []
+        for start in range(0, len(requests), concurrency):
+            seconds, kept = batch_run(requests[start:start + concurrency])
+            wall += seconds
+            latencies += [seconds] * len(kept)
+            tokens += [len(ids) for ids in kept]
+            texts += [tokenizer.decode(ids, skip_special_tokens=True) for ids in kept]
+        rows[concurrency] = _row(wall, latencies, tokens)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"load_s": round(load, 1), "rows": rows, "memory": {"peak_rss_mib": round(peak)},
+            "texts": texts}
+
+
+# ------------------------------------------------------------------------------ output
+def _provenance() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    return {"command": "OMP_NUM_THREADS=1 python benchmarks/serving.py " + " ".join(sys.argv[1:]),
+            "commit": commit, "machine": f"{cpu_name()}, {os.cpu_count()} cores, 1 torch thread",
+            "torch": torch.__version__,
+            "load_average_at_end": [round(x, 1) for x in os.getloadavg()]}
+
+
+def write(args, requests, quiver: dict, peft: dict) -> None:
+    same = [q == p for q, p, (name, _) in zip(quiver["texts"], peft["texts"], requests,
+                                               strict=True) if name != "arrow"]
+    same_arrow = [q == p for q, p, (name, _) in zip(quiver["texts"], peft["texts"], requests,
+                                                     strict=True) if name == "arrow"]
+    record = {**_provenance(), "experts": N_EXPERTS, "requests": len(requests),
+              "arrow_requests": sum(n == "arrow" for n, _ in requests),
+              "max_tokens": args.max_tokens, "experts_kind": "synthetic (random A and B)",
+              "quiver": {k: v for k, v in quiver.items() if k != "texts"},
+              "peft": {k: v for k, v in peft.items() if k != "texts"},
+              "same_text_as_peft": {"expert": [sum(same), len(same)],
+                                    "arrow": [sum(same_arrow), len(same_arrow)]}}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serving.json").write_text(json.dumps(record, indent=2))
+    one = quiver["rows"][CONCURRENCY[0]]["tokens_per_s"]
+    lines = [
+        "# Serving: batched mixed-expert generation (CPU)", "",
+        f"`{record['command']}` at commit `{record['commit']}`, {record['machine']}, torch "
+        f"{record['torch']}.", "",
+        f"SmolLM2-135M-Instruct fp32, a library of {N_EXPERTS} synthetic rank-4 LoRA experts "
+        "(random A and B, untrained) on all 7 linear modules. "
+        f"{len(requests)} requests, {record['arrow_requests']} of them `arrow` (top-4 over all "
+        f"{N_EXPERTS}), the others a random `expert:NAME`; greedy, at most {args.max_tokens} "
+        "new tokens. quiver: `quiver serve` over HTTP with the `openai` client, C clients in a "
+        "closed loop (C = 1 is one request at a time). PEFT: one `PeftModel` holding the same "
+        "experts (`create_arrow_model`), batches of C requests in arrival order, each one "
+        "`generate(..., adapter_names=[...])`.", "",
+        "| concurrency | quiver tokens/s | p50 (s) | p95 (s) | x one at a time | PEFT tokens/s "
+        "| p50 (s) | p95 (s) | quiver / PEFT |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in CONCURRENCY:
+        q, p = quiver["rows"][c], peft["rows"][c]
+        lines.append(f"| {c} | {q['tokens_per_s']} | {q['p50_s']} | {q['p95_s']} | "
+                     f"{q['tokens_per_s'] / one:.2f}x | {p['tokens_per_s']} | {p['p50_s']} | "
+                     f"{p['p95_s']} | {q['tokens_per_s'] / p['tokens_per_s']:.2f}x |")
+    lines += [
+        "",
+        f"Memory: the quiver server's peak RSS {quiver['memory']['peak_rss_mib']} MiB "
+        f"({quiver['memory']['rss_mib']} MiB at the end; model, 32 experts, KV caches, "
+        f"FastAPI); the PEFT process's peak RSS {peft['memory']['peak_rss_mib']} MiB. Server "
+        f"start-up {quiver['startup_s']} s (model load, experts attached, Arrow prototypes "
+        f"stored in the library on first use); PEFT load {peft['load_s']} s.", "",
+        f"Same text as PEFT at concurrency {CONCURRENCY[-1]}: {sum(same)} of {len(same)} "
+        f"single-expert requests; {sum(same_arrow)} of {len(same_arrow)} Arrow requests "
+        "(PEFT's Arrow computes its prototypes by power iteration from a random start, quiver's "
+        "exactly, so their routing can differ).",
+    ]
+    (RESULTS / "serving.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--library", default=str(Path(tempfile.gettempdir()) / "quiver-serving"))
+    parser.add_argument("--peft-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    requests = requests_to_send()
+    library = f"{args.library}/library"
+    if args.peft_worker:
+        print("RESULT " + json.dumps(run_peft(library, requests, args.max_tokens)), flush=True)
+        return
+    torch.set_num_threads(1)
+    make_library(Path(args.library), N_EXPERTS)
+    quiver = run_quiver(library, requests, args.max_tokens)
+    print(json.dumps({k: v for k, v in quiver.items() if k != "texts"}), flush=True)
+    done = subprocess.run([sys.executable, __file__, "--peft-worker", "--library", args.library,
+                           "--max-tokens", str(args.max_tokens)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"PEFT worker failed: {done.stderr.strip()[-2000:]}")
+    peft = json.loads(line[7:])
+    peft["rows"] = {int(c): row for c, row in peft["rows"].items()}  # JSON keys are strings
+    write(args, requests, quiver, peft)
+
+
+if __name__ == "__main__":
+    main()
