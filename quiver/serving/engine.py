@@ -257,6 +257,9 @@ class Engine:
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         cache = DynamicCache(config=self.served.model.config)
         logits = self._forward(ids, mask, positions, cache, [r.route for r in joiners])
+        if cache.get_seq_length() == 0:  # an older transformers that names it past_key_values
+            raise QuiverError("this transformers version does not take the KV cache as `cache`: "
+                              "serving needs a newer transformers (5.24 works)")
         if any(type(layer) is not DynamicLayer for layer in cache.layers):
             raise QuiverError("serving needs a model whose attention layers all see the whole "
                               "sequence (no sliding window or linear attention)")
