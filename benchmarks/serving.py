@@ -20,7 +20,7 @@ wall time of all 64 requests. Everything runs with one torch thread (OMP_NUM_THR
 side in its own process so that its peak RSS is its own. Untimed warm-up rounds first (quiver
 measures its mixture strategies once per layer shape and batch size).
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serving.py [--max-tokens 32]
+Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serving.py [--max-tokens 16]
 Writes benchmarks/results/serving.json and .md
 """
 
@@ -283,7 +283,7 @@ def write(args, requests, quiver: dict, peft: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--library", default=str(Path(tempfile.gettempdir()) / "quiver-serving"))
     parser.add_argument("--peft-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

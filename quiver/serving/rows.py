@@ -180,7 +180,9 @@ def serve_library(model: nn.Module, tokenizer, library: Library | None, top_k: i
 
     Multi-task entries (Poly/MHR, MTL-LoRA) have no single LoRA and are not served; merged
     experts are LoRAs like the others, served as `expert:NAME` and routed among by Arrow and
-    uniform, as `quiver.reuse` would.
+    uniform, as `quiver.reuse` would. Experts are stacked at the largest rank of a layer, so a
+    merge of high rank (an exact `uniform-delta` of many experts) makes every row's mixture
+    at that layer as costly as its rank.
 
     Raises:
         QuiverError: a library made for another base model.
