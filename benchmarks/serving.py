@@ -181,9 +181,10 @@ def run_peft(library_dir: str, requests: list[tuple[str, str]], max_tokens: int)
         for name in names:
             library.export_peft(name, f"{tmp}/{name}")
             folders.append(f"{tmp}/{name}")
-        base, tokenizer = load_base("smollm2-135m", device="cpu")
+        base, tokenizer = load_base(library.base["name"], device="cpu")
         started = time.perf_counter()
-        model = create_arrow_model(base, folders, ArrowConfig(top_k=4, rng_seed=0))
+        config = ArrowConfig(top_k=min(4, len(names)), rng_seed=0)
+        model = create_arrow_model(base, folders, config)
         load = time.perf_counter() - started
     adapter = {f"expert:{name}": f"task_{i}" for i, name in enumerate(names)}
     adapter["arrow"] = "arrow_router"
@@ -268,7 +269,7 @@ def write(args, requests, quiver: dict, peft: dict) -> None:
     lines += [
         "",
         f"Memory: the quiver server's peak RSS {quiver['memory']['peak_rss_mib']} MiB "
-        f"({quiver['memory']['rss_mib']} MiB at the end; model, 32 experts, KV caches, "
+        f"({quiver['memory']['rss_mib']} MiB at the end; model, {N_EXPERTS} experts, KV caches, "
         f"FastAPI); the PEFT process's peak RSS {peft['memory']['peak_rss_mib']} MiB. Server "
         f"start-up {quiver['startup_s']} s (model load, experts attached, Arrow prototypes "
         f"stored in the library on first use); PEFT load {peft['load_s']} s.", "",
