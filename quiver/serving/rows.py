@@ -70,10 +70,13 @@ class RowRoutingContext(RoutingContext):
         self._kinds = {route.kind for route in routes}
         self._tokens_per_row = tokens_per_row
         self._fixed = {}
-        self._row_kinds = torch.tensor([route.kind for route in routes])  # (B,)
-        self._row_experts = torch.tensor([max(route.expert, 0) for route in routes])  # (B,)
+        device = self.layers[0].a_stack.device if self.layers else None  # made once, there
+        self._row_kinds = torch.tensor([route.kind for route in routes], device=device)  # (B,)
+        self._row_experts = torch.tensor([max(route.expert, 0) for route in routes],
+                                         device=device)  # (B,)
         arrow = [r for r, route in enumerate(routes) if route.kind == ARROW]
-        self._arrow_rows = self._token_rows(arrow) if arrow and len(arrow) < len(routes) else None
+        self._arrow_rows = (self._token_rows(arrow).to(device)
+                            if arrow and len(arrow) < len(routes) else None)
         self._arrow_tokens = (self._row_kinds == ARROW).repeat_interleave(tokens_per_row)[:, None]
 
     def top_k(self, n_experts: int) -> int:
@@ -97,12 +100,12 @@ class RowRoutingContext(RoutingContext):
             # Arrow's k is the batch's: route every token (x @ keys^T is there already), keep
             # Arrow's choice on the Arrow rows' tokens
             chosen, local = self.router(x, layer.keys, projections)  # (t, k), (t, k)
-            take = self._arrow_tokens.to(x.device)  # (t, 1)
+            take = self._arrow_tokens  # (t, 1)
             return (torch.where(take, chosen.to(weights.dtype), weights),
                     torch.where(take, local, indices))
         # a uniform row makes k larger: Arrow's k experts, then other experts at weight 0
         weights, indices = weights.clone(), indices.clone()
-        rows = self._arrow_rows.to(x.device)
+        rows = self._arrow_rows
         chosen, local = self.router(x[rows], layer.keys,
                                     None if projections is None else projections[rows])
         weights[rows, : chosen.shape[1]] = chosen.to(weights.dtype)  # (t_arrow, k)
@@ -120,12 +123,12 @@ class RowRoutingContext(RoutingContext):
     def _fixed_weights(self, layer: RoutedLinear, dtype, device):
         n_experts = layer.a_stack.shape[0]
         k, per_row = self.top_k(n_experts), self._tokens_per_row
-        kinds = self._row_kinds.to(device)
+        kinds = self._row_kinds
         # Every row's k indices are distinct (the dense mixture scatters them: a repeated
         # index would overwrite a weight); unused slots carry weight 0.
         indices = torch.arange(k, device=device).repeat(len(kinds), 1)  # (B, k)
         weights = torch.zeros(len(kinds), k, dtype=dtype, device=device)  # (B, k)
-        local = layer.local_index[self._row_experts.to(device)]  # (B,) -1: the layer lacks it
+        local = layer.local_index[self._row_experts]  # (B,) -1: the layer lacks it
         rows = ((kinds == EXPERT) & (local >= 0)).nonzero()[:, 0]  # others add nothing here
         slots = torch.where(local[rows] < k, local[rows], 0)  # keeps the row's indices distinct
         weights[rows, slots], indices[rows, slots] = 1.0, local[rows]
