@@ -31,9 +31,7 @@ from quiver.models import fingerprint, linear_module_shapes
 from quiver.recipes import evaluate_method
 from quiver.training import TrainConfig
 
-from .conftest import QUICK
-from .test_mtl_lora import run_cli
-from .test_poly import jsonl_tasks
+from .conftest import QUICK, jsonl_tasks, run_cli
 
 FAST = dataclasses.replace(QUICK, steps=4, eval_every=2)
 STILL = dataclasses.replace(FAST, lr=0.0)  # lr 0: the result is the starting point

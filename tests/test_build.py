@@ -27,26 +27,14 @@ from quiver.errors import QuiverError
 from quiver.library import Library
 from quiver.training import train_expert
 
-from .conftest import QUICK
+from .conftest import QUICK, jsonl_tasks, write_task
 
 FAST = dataclasses.replace(QUICK, steps=4, eval_every=2)
-WORDS = ["apple", "river", "stone", "cloud", "green", "house", "light", "music"]
 QUIVER = [sys.executable, "-m", "quiver.cli"]
 
 
-def write_task(path, how: str = "copy", n: int = 24) -> str:
-    """A tiny generative JSONL task; returns its task name (`jsonl:PATH`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    verbs = {"copy": lambda w: w, "upper": str.upper, "reverse": lambda w: w[::-1],
-             "first": lambda w: w[0]}
-    rows = [{"prompt": f"{how}: {WORDS[i % 8]} {i}\nAnswer:",
-             "target": f" {verbs[how](WORDS[i % 8])}"} for i in range(n)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return f"jsonl:{path}"
-
-
 def some_tasks(folder, hows=("copy", "upper", "reverse")) -> list[str]:
-    return [write_task(folder / f"{how}.jsonl", how) for how in hows]
+    return jsonl_tasks(folder, hows)
 
 
 def stored(library_url: str) -> dict[str, tuple[str, str]]:

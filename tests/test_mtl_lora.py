@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 import pytest
 import torch
@@ -23,8 +22,14 @@ from quiver.library import Expert, ExpertInfo, Library
 from quiver.models import fingerprint, load_base
 from quiver.training import train_expert
 
-from .conftest import QUICK, make_task, new_library
-from .test_poly import jsonl_tasks
+from .conftest import (
+    QUICK,
+    check_an_interrupted_build_resumes,
+    jsonl_tasks,
+    make_task,
+    new_library,
+    run_cli,
+)
 
 SPEC = MTLLoRAConfig(up_projections=3, mix_temperature=0.5)
 FAST = dataclasses.replace(QUICK, steps=4, eval_every=2)
@@ -302,36 +307,7 @@ def test_build_is_one_entry_evaluated_by_task_row_and_refused_by_lora_methods(
 
 
 def test_an_interrupted_build_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
-    from quiver.data import load_task
-
-    tasks = jsonl_tasks(tmp_path / "tasks")
-    lib = str(tmp_path / "lib")
-    build = BuildConfig(strategy="mtl-lora", workers=1)
-    real, steps_run, crash = training._lr_factor, [], {"at": 3}
-
-    def factor(step, steps, warmup):
-        if step == crash["at"]:
-            raise KeyboardInterrupt
-        steps_run.append(step)
-        return real(step, steps, warmup)
-
-    monkeypatch.setattr(training, "_lr_factor", factor)
-    with pytest.raises(KeyboardInterrupt):
-        build_library(tasks, lib, "tiny-llama", FAST, build, show_progress=False, adapter=SPEC)
-    assert Library(lib).names() == [] and Library(lib).run_state("mtl-lora").read()[1][
-        "step"] == 2
-    crash["at"] = None
-    steps_run.clear()
-    report = build_library(tasks, lib, "tiny-llama", FAST, build, show_progress=False,
-                           adapter=SPEC)
-    assert [o.status for o in report.outcomes] == ["trained"] and steps_run == [2, 3]
-    assert Library(lib).run_state("mtl-lora").read() is None  # cleared once stored
-    model, tokenizer = tiny
-    uninterrupted, _ = train_expert(model, tokenizer, [load_task(t) for t in tasks], "mtl-lora",
-                                    FAST, adapter=SPEC, show_progress=False)
-    resumed = Library(lib).get("mtl-lora")
-    for key, value in uninterrupted.weights.items():
-        torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)
+    check_an_interrupted_build_resumes(tiny, tmp_path, monkeypatch, "mtl-lora", SPEC, FAST)
 
 
 def test_options_of_another_adapter_are_refused_before_anything_is_written(tmp_path):
@@ -353,18 +329,6 @@ def test_options_of_another_adapter_are_refused_before_anything_is_written(tmp_p
         from quiver.adapters import adapter_from_dict
 
         adapter_from_dict({"kind": "mtl-lora", "up_projections": 0})
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`quiver ARGS` through the real entry point, in this process (a subprocess costs ~8 s)."""
-    from quiver.cli import main
-
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setattr(sys, "argv", ["quiver", *map(str, args)])
-    with pytest.raises(SystemExit) as done:
-        main()
-    out, err = capsys.readouterr()
-    return done.value.code, out, err
 
 
 def test_build_ls_eval_export_and_refusals_from_the_command_line(tmp_path, monkeypatch,

@@ -5,7 +5,6 @@ reference, joint training with its own routing learning rate, resuming, `quiver 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -23,24 +22,16 @@ from quiver.library import Expert, ExpertInfo, Library
 from quiver.models import fingerprint, load_base
 from quiver.training import train_expert
 
-from .conftest import QUICK, make_task, new_library
+from .conftest import (
+    QUICK,
+    check_an_interrupted_build_resumes,
+    jsonl_tasks,
+    make_task,
+    new_library,
+)
 
 SPEC = PolyMHRConfig(skills=3, heads=4)
 FAST = dataclasses.replace(QUICK, steps=4, eval_every=2)
-WORDS = ["apple", "river", "stone", "cloud", "green", "house", "light", "music"]
-
-
-def jsonl_tasks(folder, hows=("copy", "upper")) -> list[str]:
-    """Tiny generative JSONL tasks (loadable by name, as the CLI needs); their names."""
-    verbs = {"copy": lambda w: w, "upper": str.upper, "reverse": lambda w: w[::-1]}
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for how in hows:
-        rows = [{"prompt": f"{how}: {WORDS[i % 8]} {i}\nAnswer:",
-                 "target": f" {verbs[how](WORDS[i % 8])}"} for i in range(24)]
-        (folder / f"{how}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        names.append(f"jsonl:{folder / how}.jsonl")
-    return names
 
 
 def randomise(layers, seed: int = 0) -> None:
@@ -263,35 +254,7 @@ def test_mhr_build_is_one_entry_evaluated_by_routing_row_and_refused_by_lora_met
 
 
 def test_an_interrupted_mhr_build_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
-    from quiver.data import load_task
-
-    tasks = jsonl_tasks(tmp_path / "tasks")
-    lib = str(tmp_path / "lib")
-    build = BuildConfig(strategy="mhr", workers=1)
-    real, steps_run, crash = training._lr_factor, [], {"at": 3}
-
-    def factor(step, steps, warmup):
-        if step == crash["at"]:
-            raise KeyboardInterrupt
-        steps_run.append(step)
-        return real(step, steps, warmup)
-
-    monkeypatch.setattr(training, "_lr_factor", factor)
-    with pytest.raises(KeyboardInterrupt):
-        build_library(tasks, lib, "tiny-llama", FAST, build, show_progress=False, adapter=SPEC)
-    assert Library(lib).names() == [] and Library(lib).run_state("mhr").read()[1]["step"] == 2
-    crash["at"] = None
-    steps_run.clear()
-    report = build_library(tasks, lib, "tiny-llama", FAST, build, show_progress=False,
-                           adapter=SPEC)
-    assert [o.status for o in report.outcomes] == ["trained"] and steps_run == [2, 3]
-    assert Library(lib).run_state("mhr").read() is None  # cleared once stored
-    model, tokenizer = tiny
-    uninterrupted, _ = train_expert(model, tokenizer, [load_task(t) for t in tasks], "mhr",
-                                    FAST, adapter=SPEC, show_progress=False)
-    resumed = Library(lib).get("mhr")
-    for key, value in uninterrupted.weights.items():  # the stored (PEFT) form of both
-        torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)
+    check_an_interrupted_build_resumes(tiny, tmp_path, monkeypatch, "mhr", SPEC, FAST)
 
 
 def test_checkpointing_keeps_the_gradients_of_skills_and_routing(tiny):

@@ -1,0 +1,412 @@
+"""Few-shot adaptation from a library, and multi-task adapters with matched parameters.
+
+Two tables, both on the real SmolLM2-135M-Instruct and BIG-bench:
+
+Multi-task. On the training tasks of the budget, four adapters trained jointly, each with
+about the same number of trainable parameters (counted from the stored weights): one shared
+LoRA of rank S x r, Poly (S skills of rank r, H = 1), MHR (S skills of rank r, H heads) and
+MTL-LoRA (rank r_m, n up-projections, r_m chosen so that r_m (in + n out) is close to
+S r (in + out)); scored on the test splits of those tasks (each with its own routing row).
+
+Few-shot. On held-out BIG-bench multiple-choice tasks (none in any training list), for N
+shots of each task's training split: every method of `quiver adapt` (private, mhr-z,
+mhr-full, mhr-mu from the MHR entry above; polylib, polylib-full, lib-mu, lorahub from the
+library of private LoRA experts of the training tasks), plus the base model and Arrow
+zero-shot over the same library; accuracy on each task's test split, and each method's
+paired bootstrap difference from `private` at the same N (same examples).
+
+Every method gets the same training steps for a given N (the budget's `fewshot_steps`).
+Each held-out task is one job, run in a process of its own (`workers` at once, one thread
+each); entries and reports are cached in the run folder, so a stopped run resumes.
+
+Usage: .venv/bin/python benchmarks/adaptation.py --budget small
+Writes benchmarks/results/adaptation_<budget>.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from zero_shot import (  # noqa: E402
+    TRAIN_TASKS,
+    bootstrap_average,
+    fast_cpu_dtype,
+    hits,
+    interval,
+    machine_name,
+)
+
+RESULTS = Path(__file__).parent / "results"
+BASE = "smollm2-135m"
+FEW_SHOT_TASKS = [  # BIG-bench multiple choice with >= 256 training examples, short prompts
+    "bigbench:strategyqa",
+    "bigbench:winowhy",
+    "bigbench:bbq_lite_json",
+    "bigbench:formal_fallacies_syllogisms_negation",
+    "bigbench:logical_deduction",
+    "bigbench:hyperbaton",
+    "bigbench:navigate",
+    "bigbench:sports_understanding",
+    "bigbench:vitaminc_fact_verification",
+    "bigbench:play_dialog_same_or_different",
+    "bigbench:tracking_shuffled_objects",
+    "bigbench:movie_recommendation",
+]
+METHODS = ["private", "mhr-z", "mhr-full", "mhr-mu", "polylib", "polylib-full", "lib-mu",
+           "lorahub"]
+MULTI_TASK = ["shared LoRA", "Poly", "MHR", "MTL-LoRA"]
+BUDGETS = {
+    "smoke": {"train_tasks": 2, "fewshot_tasks": 2, "shots": [16], "rank": 4, "skills": 2,
+              "heads": 4, "mtl_rank": 4, "private_steps": 4, "joint_steps": 6,
+              "fewshot_steps": {16: 3}, "batch": 4, "fewshot_batch": 4, "max_length": 128,
+              "lr": 1e-3, "fewshot_lr": 1e-3, "lorahub_budget": 5, "limit": 10,
+              "dtype": "fast", "workers": 2},
+    # small: the CPU budget (2 cores, about 90 minutes)
+    "small": {"train_tasks": 6, "fewshot_tasks": 8, "shots": [16, 64, 256], "rank": 4,
+              "skills": 4, "heads": 8, "mtl_rank": 8, "private_steps": 40, "joint_steps": 100,
+              "fewshot_steps": {16: 10, 64: 16, 256: 24}, "batch": 8, "fewshot_batch": 4,
+              "max_length": 256, "lr": 5e-4, "fewshot_lr": 1e-3, "lorahub_budget": 20,
+              "limit": 50, "dtype": "fast", "workers": 2},
+    "full": {"train_tasks": 20, "fewshot_tasks": 12, "shots": [16, 64, 256], "rank": 4,
+             "skills": 8, "heads": 64, "mtl_rank": 16, "private_steps": 200,
+             "joint_steps": 2000, "fewshot_steps": {16: 100, 64: 200, 256: 400}, "batch": 16,
+             "fewshot_batch": 8, "max_length": 512, "lr": 5e-4, "fewshot_lr": 1e-3,
+             "lorahub_budget": 40, "limit": 250, "dtype": "auto", "workers": 1},
+}
+
+
+# ----------------------------------------------------------------------------- libraries
+def train_config(budget: dict, steps: int, rank: int | None = None, few_shot: bool = False):
+    """The training options of one training; alpha = 4 r at every rank (quiver's default
+    scaling of 4), so that ranks matched for parameters learn at the same pace."""
+    from quiver.training import TrainConfig
+
+    rank = rank or budget["rank"]
+    return TrainConfig(steps=steps, rank=rank, alpha=4.0 * rank, max_length=budget["max_length"],
+                       batch_size=budget["fewshot_batch" if few_shot else "batch"],
+                       lr=budget["fewshot_lr" if few_shot else "lr"], eval_every=steps,
+                       eval_examples=16 if few_shot else 32)
+
+
+def build_sources(run: Path, budget: dict) -> None:
+    """The library of private experts and the four multi-task entries, `workers` trainings at
+    once (the joint ones in processes of their own, one thread each)."""
+    from quiver.build import BuildConfig, build_library
+
+    tasks = TRAIN_TASKS[: budget["train_tasks"]]
+    print("== private experts of the training tasks", flush=True)
+    report = build_library(tasks, str(run / "experts"), BASE,
+                           train_config(budget, budget["private_steps"]),
+                           BuildConfig(workers=budget["workers"]), dtype=budget["dtype"],
+                           show_progress=False)
+    if report.failed:
+        raise SystemExit(f"trainings failed: {[(o.name, o.error) for o in report.failed]}")
+    jobs = [label for label in MULTI_TASK if not _built(run / _folder(label))]
+    print(f"== multi-task entries: {', '.join(jobs) or 'all built'}", flush=True)
+    _in_processes(_build_multi_task, [(run, budget, label) for label in jobs],
+                  budget["workers"])
+
+
+def _folder(label: str) -> str:
+    return label.lower().replace(" ", "-")
+
+
+def _built(path: Path) -> bool:
+    from quiver.library import Library
+
+    try:
+        return len(Library(str(path)).names()) > 0
+    except Exception:  # noqa: BLE001 - not a library yet
+        return False
+
+
+def _build_multi_task(run: Path, budget: dict, label: str) -> str:
+    """Train one multi-task entry on all the training tasks (in this process)."""
+    from quiver.adapters import MTLLoRAConfig, PolyMHRConfig
+    from quiver.build import BuildConfig, build_library
+
+    tasks = TRAIN_TASKS[: budget["train_tasks"]]
+    skills, rank = budget["skills"], budget["rank"]
+    strategy, adapter, config_rank = {
+        "shared LoRA": ("shared", None, skills * rank),
+        "Poly": ("poly", PolyMHRConfig(skills=skills, heads=1), rank),
+        "MHR": ("mhr", PolyMHRConfig(skills=skills, heads=budget["heads"]), rank),
+        "MTL-LoRA": ("mtl-lora", MTLLoRAConfig(), budget["mtl_rank"]),
+    }[label]
+    started = time.perf_counter()
+    report = build_library(tasks, str(run / _folder(label)), BASE,
+                           train_config(budget, budget["joint_steps"], config_rank),
+                           BuildConfig(strategy=strategy, workers=1), dtype=budget["dtype"],
+                           show_progress=False, adapter=adapter)
+    if report.failed:
+        raise SystemExit(f"{label} failed: {report.failed[0].error}")
+    print(f"== built {label} in {time.perf_counter() - started:.0f} s", flush=True)
+    return label
+
+
+def _in_processes(function, calls: list[tuple], workers: int) -> list:
+    """`function(*call)` for each call, `workers` at once in spawned one-thread processes
+    (in this process when workers is 1)."""
+    if workers <= 1 or len(calls) <= 1:
+        return [function(*call) for call in calls]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(function, *zip(*calls, strict=True)))
+
+
+# ---------------------------------------------------------------------------- multi-task
+def evaluate_multi_task(run: Path, budget: dict, model_and_tokenizer) -> dict:
+    """Each multi-task entry on the test splits of its training tasks, with its parameter
+    count; cached per entry."""
+    from quiver.evaluation import EvalConfig
+    from quiver.library import Library
+    from quiver.recipes import evaluate_method
+
+    tasks = TRAIN_TASKS[: budget["train_tasks"]]
+    reports = {}
+    for label in MULTI_TASK:
+        cache = run / "eval" / f"multi-task-{_folder(label)}.json"
+        if not cache.exists():
+            library = Library(str(run / _folder(label)))
+            name = library.names()[0]
+            entry = library.get(name)
+            report = evaluate_method(f"expert:{name}", tasks, library.url, BASE,
+                                     EvalConfig(split="test", limit=budget["limit"]),
+                                     allow_seen=label == "shared LoRA",  # test split: unseen
+                                     model_and_tokenizer=model_and_tokenizer,
+                                     show_progress=False)
+            report.update(label=label, kind=entry.info.kind,
+                          parameters=sum(t.numel() for t in entry.weights.values()))
+            _write_json(cache, report)
+        reports[label] = json.loads(cache.read_text())
+        print(f"{label}: {reports[label]['average']['accuracy']:.1f}", flush=True)
+    return reports
+
+
+# ------------------------------------------------------------------------------ few-shot
+def few_shot_job(run: Path, budget: dict, task: str) -> str:
+    """Adapt to `task` with every method and N, and score each result, the base model and
+    Arrow zero-shot on the task's test split (in this process, the model loaded once)."""
+    from quiver.adaptation import AdaptConfig, adapt_task
+    from quiver.evaluation import EvalConfig
+    from quiver.library import Library
+    from quiver.models import fingerprint, linear_module_shapes, load_base
+    from quiver.recipes import evaluate_method
+
+    short = task.removeprefix("bigbench:")
+    folder = run / "few-shot" / short
+    library = Library(str(folder), create=True)
+    model_and_tokenizer = load_base(BASE, dtype=budget["dtype"])
+    model = model_and_tokenizer[0]
+    library.ensure_base(BASE, fingerprint(model), linear_module_shapes(model))
+    if "mhr" not in library:  # mhr-* adapt from an entry of the library they write to
+        library.add(Library(str(run / "mhr")).get("mhr"))
+    experts_url = str(run / "experts")
+    evaluation = EvalConfig(split="test", limit=budget["limit"])
+
+    def score(label: str, method: str, url: str | None, allow_seen: bool) -> None:
+        cache = folder / "eval" / f"{label}.json"
+        if cache.exists():
+            return
+        report = evaluate_method(method, [task], url, BASE, evaluation, allow_seen=allow_seen,
+                                 model_and_tokenizer=model_and_tokenizer, show_progress=False)
+        _write_json(cache, {"label": label, "tasks": report["tasks"],
+                            "average": report["average"]})
+
+    score("base", "base", None, False)
+    score("arrow", "arrow", experts_url, False)
+    for shots in budget["shots"]:
+        steps = budget["fewshot_steps"][shots]
+        for method in METHODS:
+            name = f"{method}-{shots}"
+            if name not in Library(str(folder)):
+                source = "" if method == "private" else "mhr" if method.startswith(
+                    "mhr") else experts_url
+                started = time.perf_counter()
+                adapt_task(task, str(folder), name,
+                           AdaptConfig(method=method, shots=shots, source=source,
+                                       lorahub_budget=budget["lorahub_budget"]),
+                           train_config(budget, steps, few_shot=True), BASE,
+                           show_progress=False, model_and_tokenizer=model_and_tokenizer)
+                print(f"{short} {name}: adapted in {time.perf_counter() - started:.0f} s",
+                      flush=True)
+            score(name, f"expert:{name}", str(folder), True)  # test split: not among the shots
+    return task
+
+
+# ----------------------------------------------------------------------------- summaries
+def few_shot_reports(run: Path, budget: dict) -> dict[str, dict]:
+    """`{label: report over all few-shot tasks}`, label as `METHOD-N`, `base`, `arrow`."""
+    merged: dict[str, dict] = {}
+    for task in FEW_SHOT_TASKS[: budget["fewshot_tasks"]]:
+        folder = run / "few-shot" / task.removeprefix("bigbench:") / "eval"
+        for path in sorted(folder.glob("*.json")):
+            report = json.loads(path.read_text())
+            merged.setdefault(report["label"], {"label": report["label"], "tasks": {}})
+            merged[report["label"]]["tasks"].update(report["tasks"])
+    return merged
+
+
+def summarise(reports: dict[str, dict], budget: dict) -> dict:
+    """Average accuracy (with its interval) per method and N, and the paired difference
+    from private at the same N."""
+    tasks = FEW_SHOT_TASKS[: budget["fewshot_tasks"]]
+    summary: dict = {}
+    for shots in budget["shots"]:
+        labels = ["base", "arrow"] + [f"{m}-{shots}" for m in METHODS]
+        per_task = [{t: hits(reports[label])[t] for t in tasks} for label in labels]
+        samples = bootstrap_average(per_task)
+        private = samples[:, labels.index(f"private-{shots}")]
+        rows = {}
+        for m, label in enumerate(labels):
+            difference = samples[:, m] - private
+            rows[label.removesuffix(f"-{shots}")] = {
+                "average": float(np.mean([reports[label]["tasks"][t]["accuracy"]
+                                          for t in tasks])),
+                "ci": interval(samples[:, m]),
+                "vs_private": float(difference.mean()), "vs_private_ci": interval(difference),
+                "tasks": {t: reports[label]["tasks"][t]["accuracy"] for t in tasks}}
+        summary[str(shots)] = rows
+    return summary
+
+
+# --------------------------------------------------------------------------------- output
+def write(args, budget: dict, summary: dict, multi: dict, timings: dict) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    command = "python benchmarks/adaptation.py " + " ".join(sys.argv[1:])
+    stem = RESULTS / f"adaptation_{args.budget}"
+    machine = machine_name()
+    train_tasks = TRAIN_TASKS[: budget["train_tasks"]]
+    few_tasks = FEW_SHOT_TASKS[: budget["fewshot_tasks"]]
+    record = {"command": command, "commit": commit, "machine": machine, "budget": budget,
+              "train_tasks": train_tasks, "few_shot_tasks": few_tasks, "timings_s": timings,
+              "few_shot": summary,
+              "multi_task": {k: {"average": v["average"]["accuracy"], "kind": v["kind"],
+                                 "parameters": v["parameters"],
+                                 "tasks": {t: r["accuracy"] for t, r in v["tasks"].items()}}
+                             for k, v in multi.items()}}
+    RESULTS.mkdir(exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+    _plot(summary, stem.with_suffix(".png"), args.budget)
+    short = [t.removeprefix("bigbench:") for t in train_tasks]
+    lines = [
+        f"# Few-shot adaptation and multi-task adapters, budget `{args.budget}`", "",
+        f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}; "
+        f"{timings['sources'] / 60:.0f} min to train the sources, "
+        f"{timings['few_shot'] / 60:.0f} min to adapt and score.", "",
+        f"SmolLM2-135M-Instruct ({budget['dtype']}). Training tasks ({len(train_tasks)}): "
+        f"{', '.join(short)}.", "",
+        "## Multi-task: jointly trained adapters, matched parameters", "",
+        f"Trained on all {len(train_tasks)} tasks together, {budget['joint_steps']} steps of "
+        f"batch {budget['batch']}, lr {budget['lr']:g}, at most {budget['max_length']} tokens; "
+        f"scored on each task's test split (at most {budget['limit']} examples, its own "
+        f"routing row). Matched: shared LoRA rank {budget['skills'] * budget['rank']} = "
+        f"S x r; Poly and MHR S = {budget['skills']} skills of rank {budget['rank']} (MHR "
+        f"H = {budget['heads']}); MTL-LoRA rank {budget['mtl_rank']} with n = 3 "
+        "up-projections. Parameters: every stored tensor, routing included.", "",
+        "| adapter | trainable parameters | average | " + " | ".join(short) + " |",
+        "|---|---:|---:|" + "---:|" * len(short),
+    ]
+    for label, r in record["multi_task"].items():
+        lines.append(f"| {label} | {r['parameters']:,} | **{r['average']:.1f}** | " + " | ".join(
+            f"{r['tasks'][t]:.1f}" for t in train_tasks) + " |")
+    steps = ", ".join(f"{s} for N={n}" for n, s in budget["fewshot_steps"].items())
+    lines += [
+        "", "## Few-shot: adapting to held-out tasks from N examples", "",
+        f"Held-out tasks ({len(few_tasks)}, in no training list): "
+        f"{', '.join(t.removeprefix('bigbench:') for t in few_tasks)}. N examples of each "
+        f"task's training split (seed 0); training steps {steps} (batch "
+        f"{budget['fewshot_batch']}, lr {budget['fewshot_lr']:g}, routing lr 0.1) for every "
+        f"method; LoraHub: {budget['lorahub_budget']} loss evaluations, L1 0.05. Sources: "
+        f"the MHR entry above (mhr-*) and the library of {len(train_tasks)} private LoRA "
+        f"experts ({budget['private_steps']} steps each; polylib*, lib-mu, lorahub, Arrow). "
+        f"Accuracy (%) on each task's test split (at most {budget['limit']} examples, the "
+        "same for every method); difference from `private` at the same N: paired bootstrap, "
+        "95% interval.", ""]
+    for shots, rows in summary.items():
+        lines += [f"### N = {shots}", "",
+                  "| method | average | 95% interval | minus private | 95% interval | "
+                  + " | ".join(t.removeprefix("bigbench:") for t in few_tasks) + " |",
+                  "|---|---:|---:|---:|---:|" + "---:|" * len(few_tasks)]
+        for label, r in rows.items():
+            lines.append(
+                f"| {label} | **{r['average']:.1f}** | {r['ci'][0]:.1f} to {r['ci'][1]:.1f} | "
+                f"{r['vs_private']:+.1f} | {r['vs_private_ci'][0]:+.1f} to "
+                f"{r['vs_private_ci'][1]:+.1f} | "
+                + " | ".join(f"{r['tasks'][t]:.1f}" for t in few_tasks) + " |")
+        lines.append("")
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def _plot(summary: dict, path: Path, budget: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(next(iter(summary.values())))
+    figure, axes = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(summary)
+    for i, (shots, rows) in enumerate(summary.items()):
+        means = [rows[m]["average"] for m in labels]
+        errors = [[mean - rows[m]["ci"][0] for m, mean in zip(labels, means, strict=True)],
+                  [rows[m]["ci"][1] - mean for m, mean in zip(labels, means, strict=True)]]
+        axes.bar(np.arange(len(labels)) + (i - (len(summary) - 1) / 2) * width, means, width,
+                 yerr=errors, capsize=2, label=f"N = {shots}")
+    axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    axes.set_ylabel("average accuracy on held-out tasks (%)")
+    axes.set_title(f"Few-shot adaptation, budget {budget} (95% bootstrap intervals)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(record))
+    staging.replace(path)  # a run stopped midway never leaves half a report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
+    parser.add_argument("--run", help="run folder (default runs/adaptation-<budget>)")
+    args = parser.parse_args()
+    budget = dict(BUDGETS[args.budget])
+    if budget["dtype"] == "fast":  # bf16 only where the CPU computes it fast
+        budget["dtype"] = fast_cpu_dtype()
+    run = Path(args.run or f"runs/adaptation-{args.budget}").absolute()
+
+    from quiver.models import load_base
+
+    started = time.perf_counter()
+    build_sources(run, budget)
+    built = time.perf_counter()
+    model_and_tokenizer = load_base(BASE, dtype=budget["dtype"])
+    multi = evaluate_multi_task(run, budget, model_and_tokenizer)
+    del model_and_tokenizer
+    tasks = FEW_SHOT_TASKS[: budget["fewshot_tasks"]]
+    for task in _in_processes(few_shot_job, [(run, budget, t) for t in tasks],
+                              budget["workers"]):
+        print(f"== done {task}", flush=True)
+    timings = {"sources": built - started, "few_shot": time.perf_counter() - built}
+    write(args, budget, summarise(few_shot_reports(run, budget), budget), multi, timings)
+
+
+if __name__ == "__main__":
+    main()
