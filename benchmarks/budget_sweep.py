@@ -136,7 +136,7 @@ def main() -> None:
                                model_and_tokenizer=model_and_tokenizer)
         base_cache.write_text(json.dumps(_slim(base)))
     base = json.loads(base_cache.read_text())
-    rows = _earlier_rows(settings)
+    rows = _earlier_rows(settings, args.dtype)
     for setting in settings:  # the table grows as settings finish
         rows.append(_row(run_setting(run, *setting, args, model_and_tokenizer), base, args))
         write(args, rows)
@@ -157,13 +157,16 @@ def _row(result: dict, base: dict, args) -> dict:
         "dtype": args.dtype, "machine": machine_name(), "commit": _commit()}
 
 
-def _earlier_rows(settings: list[tuple]) -> list[dict]:
-    """The committed rows of settings not run now (a sweep spread over sessions)."""
+def _earlier_rows(settings: list[tuple], dtype: str) -> list[dict]:
+    """The committed rows of settings not run now, or run on another machine or dtype (a
+    sweep spread over sessions and machines)."""
     path = RESULTS / "budget_sweep.json"
     if not path.exists():
         return []
     rows = json.loads(path.read_text())["settings"]
-    return [r for r in rows if (r["steps"], r["lr"], r["max_length"]) not in settings]
+    cpu = machine_name().split(",")[0]  # the processor, whatever the threads
+    return [r for r in rows if (r["steps"], r["lr"], r["max_length"]) not in settings
+            or (r["machine"].split(",")[0], r["dtype"]) != (cpu, dtype)]
 
 
 def _commit() -> str:
