@@ -5,6 +5,7 @@ weights come from its search; bad input adds nothing."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -202,6 +203,8 @@ def test_lorahub_weights_come_from_the_search_and_make_the_stored_lora(setup, ti
     weights = [record["weights"][e.name] for e in experts]
     assert any(w != 0 for w in weights) and all(abs(w) <= 1.5 for w in weights)
     assert record["objective"] == pytest.approx(record["loss"] + 1e-4 * sum(map(abs, weights)))
+    valid_loss = expert.info.metrics["best_valid_loss"]  # what `quiver library ls` shows
+    assert math.isfinite(valid_loss) and valid_loss > 0
     combined = combine(stack_experts(experts), weights)
     for module, delta in update(expert).items():
         a = sum(w * e.lora_factors()[module][0] for w, e in zip(weights, experts, strict=True))

@@ -29,7 +29,13 @@ from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo, Library
 from quiver.library.store import check_name
 from quiver.models import fingerprint, linear_module_shapes, load_base
-from quiver.training import TrainConfig, _LoraAdapter, train_expert
+from quiver.training import (
+    TrainConfig,
+    _LoraAdapter,
+    _tokenized_splits,
+    _validate,
+    train_expert,
+)
 
 
 @dataclass
@@ -213,15 +219,20 @@ def _lorahub(model, tokenizer, sample: FewShotTask, experts, name: str, config: 
     rank = experts[0].adapter_config["r"]
     targets = sorted({m.rsplit(".", 1)[-1] for m in factors})
     plain = TrainConfig(rank=rank, alpha=float(rank), dropout=0.0, target_modules=tuple(targets))
-    adapter = _LoraAdapter(model, plain)  # only for PEFT's adapter config of this LoRA
+    adapter = _LoraAdapter(model, plain)  # PEFT's adapter config, and the validation loss
     try:
         adapter_config, weights, lora = adapter.stored(peft_lora_weights(factors))
+        adapter.load_weights(weights)
+        # the validation loss the training methods report, on the same examples
+        _, valid_set = _tokenized_splits(tokenizer, [sample], train_config)
+        valid_loss = _validate(adapter, valid_set, tokenizer, train_config,
+                               next(model.parameters()).device)
     finally:
         adapter.remove()
     info = ExpertInfo(name=name, tasks=[sample.name], base_model=model.config._name_or_path,
                       base_fingerprint=fingerprint(model), lora=lora,
                       training={"lorahub": record, "experts": [e.name for e in experts]},
-                      metrics={"lorahub_loss": record["loss"],
+                      metrics={"best_valid_loss": valid_loss, "lorahub_loss": record["loss"],
                                "lorahub_objective": record["objective"]},
                       created=datetime.now(UTC).isoformat(timespec="seconds"))
     return Expert(info, adapter_config, weights=weights)
