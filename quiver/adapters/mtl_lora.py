@@ -187,13 +187,7 @@ def load_mtl_lora(model: nn.Module, expert) -> MTLLoRAAdapter:
     spec = MTLLoRAConfig(config["up_projections"], config["mix_temperature"])
     adapter = attach_mtl_lora(model, list(info.tasks), spec, config["r"], config["lora_alpha"],
                               0.0, tuple(config["target_modules"]))
-    try:
-        adapter.load_weights(expert.weights)
-    except QuiverError:
-        adapter.remove()
-        raise
-    adapter.eval()
-    return adapter
+    return adapter.loaded(expert.weights)
 
 
 def task_lora(expert, task: str, name: str):

@@ -233,13 +233,7 @@ def load_poly(model: nn.Module, expert) -> PolyAdapter:
                          info.lora.get("routing_temperature", 1.0))
     targets = tuple(config["target_modules"])
     adapter = attach_poly(model, list(info.tasks), poly, config["r"], 1.0, 0.0, targets)
-    try:
-        adapter.load_weights(expert.weights)
-    except QuiverError:
-        adapter.remove()
-        raise
-    adapter.eval()
-    return adapter
+    return adapter.loaded(expert.weights)
 
 
 def check_poly_adapter(adapter_config: dict, weights: dict[str, torch.Tensor],

@@ -176,6 +176,20 @@ class TaskRowAdapter:
                                           f"{module}")
                     param.copy_(value)
 
+    def loaded(self, weights: dict[str, torch.Tensor]) -> TaskRowAdapter:
+        """This adapter with a stored entry's `weights`, in evaluation mode.
+
+        Raises:
+            QuiverError: the weights do not fit (the adapter is removed first).
+        """
+        try:
+            self.load_weights(weights)
+        except QuiverError:
+            self.remove()
+            raise
+        self.eval()
+        return self
+
     def remove(self) -> None:
         """Put the original linear layers back and restore `requires_grad` and the
         train/eval mode as found."""
