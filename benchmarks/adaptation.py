@@ -258,10 +258,30 @@ def few_shot_reports(run: Path, budget: dict) -> dict[str, dict]:
     return merged
 
 
-def summarise(reports: dict[str, dict], budget: dict) -> dict:
-    """Average accuracy (with its interval) per method and N, and the paired difference
-    from private at the same N."""
-    tasks = FEW_SHOT_TASKS[: budget["fewshot_tasks"]]
+def completed_tasks(reports: dict[str, dict], budget: dict) -> list[str]:
+    """The few-shot tasks every method and N has been scored on (all of them once a run has
+    finished; fewer when `--report-only` reads a run that was stopped)."""
+    labels = ["base", "arrow"] + [f"{m}-{n}" for n in budget["shots"] for m in METHODS]
+    return [t for t in FEW_SHOT_TASKS[: budget["fewshot_tasks"]]
+            if all(t in reports.get(label, {}).get("tasks", {}) for label in labels)]
+
+
+def run_timings(run: Path) -> dict:
+    """Wall time of the two phases, from the run folder's files (so that a resumed or stopped
+    run reports them too): sources from the first expert to the last multi-task report,
+    few-shot from there to the last few-shot report."""
+    def times(pattern: str) -> list[float]:
+        return [p.stat().st_mtime for p in run.glob(pattern)]
+
+    start = min(times("experts/**/*"))
+    sources = max(times("eval/multi-task-*.json"))
+    few_shot = max(times("few-shot/*/eval/*.json") or [sources])
+    return {"sources": sources - start, "few_shot": few_shot - sources}
+
+
+def summarise(reports: dict[str, dict], budget: dict, tasks: list[str]) -> dict:
+    """Average accuracy (with its interval) over `tasks` per method and N, and the paired
+    difference from private at the same N."""
     summary: dict = {}
     for shots in budget["shots"]:
         labels = ["base", "arrow"] + [f"{m}-{shots}" for m in METHODS]
@@ -282,14 +302,15 @@ def summarise(reports: dict[str, dict], budget: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------- output
-def write(args, budget: dict, summary: dict, multi: dict, timings: dict) -> None:
+def write(args, budget: dict, summary: dict, multi: dict, timings: dict,
+          few_tasks: list[str]) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     command = "python benchmarks/adaptation.py " + " ".join(sys.argv[1:])
     stem = RESULTS / f"adaptation_{args.budget}"
     machine = machine_name()
     train_tasks = TRAIN_TASKS[: budget["train_tasks"]]
-    few_tasks = FEW_SHOT_TASKS[: budget["fewshot_tasks"]]
+    planned = budget["fewshot_tasks"]
     record = {"command": command, "commit": commit, "machine": machine, "budget": budget,
               "train_tasks": train_tasks, "few_shot_tasks": few_tasks, "timings_s": timings,
               "few_shot": summary,
@@ -325,6 +346,9 @@ def write(args, budget: dict, summary: dict, multi: dict, timings: dict) -> None
     steps = ", ".join(f"{s} for N={n}" for n, s in budget["fewshot_steps"].items())
     lines += [
         "", "## Few-shot: adapting to held-out tasks from N examples", "",
+        *([f"**Partial: the run was stopped after {len(few_tasks)} of its {planned} held-out "
+           "tasks; the figures below are over those only.**", ""]
+          if len(few_tasks) < planned else []),
         f"Held-out tasks ({len(few_tasks)}, in no training list): "
         f"{', '.join(t.removeprefix('bigbench:') for t in few_tasks)}. N examples of each "
         f"task's training split (seed 0); training steps {steps} (batch "
@@ -386,6 +410,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
     parser.add_argument("--run", help="run folder (default runs/adaptation-<budget>)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and score nothing: write the tables from what the run "
+                             "folder holds (the tasks finished so far, said so if not all)")
     args = parser.parse_args()
     budget = dict(BUDGETS[args.budget])
     if budget["dtype"] == "fast":  # bf16 only where the CPU computes it fast
@@ -394,18 +421,21 @@ def main() -> None:
 
     from quiver.models import load_base
 
-    started = time.perf_counter()
-    build_sources(run, budget)
-    built = time.perf_counter()
-    model_and_tokenizer = load_base(BASE, dtype=budget["dtype"])
+    if not args.report_only:
+        build_sources(run, budget)
+    model_and_tokenizer = None if args.report_only else load_base(BASE, dtype=budget["dtype"])
     multi = evaluate_multi_task(run, budget, model_and_tokenizer)
     del model_and_tokenizer
     tasks = FEW_SHOT_TASKS[: budget["fewshot_tasks"]]
-    for task in _in_processes(few_shot_job, [(run, budget, t) for t in tasks],
-                              budget["workers"]):
-        print(f"== done {task}", flush=True)
-    timings = {"sources": built - started, "few_shot": time.perf_counter() - built}
-    write(args, budget, summarise(few_shot_reports(run, budget), budget), multi, timings)
+    if not args.report_only:
+        for task in _in_processes(few_shot_job, [(run, budget, t) for t in tasks],
+                                  budget["workers"]):
+            print(f"== done {task}", flush=True)
+    reports = few_shot_reports(run, budget)
+    done = completed_tasks(reports, budget)
+    if not done:
+        raise SystemExit(f"no held-out task has been scored by every method yet in {run}")
+    write(args, budget, summarise(reports, budget, done), multi, run_timings(run), done)
 
 
 if __name__ == "__main__":
