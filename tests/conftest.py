@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,11 +18,29 @@ from quiver.training import TrainConfig, train_expert
 QUICK = TrainConfig(steps=6, eval_every=3, batch_size=4, max_length=64, eval_examples=16, lr=1e-3)
 
 
+TINY_AS_LOADED = pytest.StashKey[tuple]()
+
+
 @pytest.fixture(scope="session")
-def tiny():
+def tiny(request):
     """(model, tokenizer) of the tiny random Llama; tests must leave it unchanged."""
     torch.set_num_threads(2)
-    return load_base("tiny-llama", device="cpu")
+    model, tokenizer = load_base("tiny-llama", device="cpu")
+    request.config.stash[TINY_AS_LOADED] = _model_state(model)
+    return model, tokenizer
+
+
+@contextmanager
+def restored(model):
+    """Put `model`'s train/eval mode and `requires_grad` flags back afterwards: PEFT's
+    `get_peft_model` freezes the base model, and `unload` does not unfreeze it."""
+    mode, flags = model.training, [p.requires_grad for p in model.parameters()]
+    try:
+        yield model
+    finally:
+        model.train(mode)
+        for param, flag in zip(model.parameters(), flags, strict=True):
+            param.requires_grad_(flag)
 
 
 def _model_state(model) -> tuple:
@@ -34,13 +53,15 @@ def _model_state(model) -> tuple:
 
 @pytest.fixture(autouse=True)
 def _tiny_stays_unchanged(request):
-    """Fail the test that leaves the shared tiny model (or the thread count) changed, rather
-    than a later test that happens to depend on it."""
+    """Fail the test that leaves the shared tiny model (or the thread count) other than as it
+    was loaded, rather than a later test that happens to depend on it. Compared with the
+    loaded state, not the state before the test: module- and session-scoped fixtures change
+    it before this fixture runs, and the first test that uses one must catch that."""
     if "tiny" not in request.fixturenames:
         yield
         return
     model = request.getfixturevalue("tiny")[0]
-    before = _model_state(model)
+    before = request.config.stash[TINY_AS_LOADED]
     yield
     after = _model_state(model)
     assert before[0] == after[0], "the test left modules added to or removed from `tiny`"

@@ -10,7 +10,7 @@ from quiver.routing import MIXTURES, detach_experts
 from quiver.routing.layer import MixtureStrategy
 from quiver.transforms.arrow import top_right_singular_vector
 
-from .conftest import new_library
+from .conftest import new_library, restored
 
 
 @pytest.mark.parametrize("tokens, experts, k", [(1, 3, 1), (7, 8, 3), (64, 32, 4)])
@@ -74,19 +74,21 @@ def _dominant_lora(out_dim, in_dim, rank, seed):
 
 
 def _synthetic_peft_folders(model, tmp_path, n, rank=4, targets=("q_proj", "v_proj", "up_proj")):
+    """`n` PEFT LoRA folders of `model` with dominant singular directions (tiny left as found)."""
     folders = []
     for e in range(n):
-        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=8,
-                                                      target_modules=list(targets)))
-        with torch.no_grad():
-            for name, module in peft_model.named_modules():
-                if hasattr(module, "lora_A") and "default" in module.lora_A:
-                    a, b = _dominant_lora(module.out_features, module.in_features, rank,
-                                          seed=zlib.crc32(f"{e}:{name}".encode()))
-                    module.lora_A["default"].weight.copy_(a / 4)
-                    module.lora_B["default"].weight.copy_(b)
-        peft_model.save_pretrained(str(tmp_path / f"e{e}"))
-        peft_model.unload()
+        with restored(model):
+            peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=8,
+                                                          target_modules=list(targets)))
+            with torch.no_grad():
+                for name, module in peft_model.named_modules():
+                    if hasattr(module, "lora_A") and "default" in module.lora_A:
+                        a, b = _dominant_lora(module.out_features, module.in_features, rank,
+                                              seed=zlib.crc32(f"{e}:{name}".encode()))
+                        module.lora_A["default"].weight.copy_(a / 4)
+                        module.lora_B["default"].weight.copy_(b)
+            peft_model.save_pretrained(str(tmp_path / f"e{e}"))
+            peft_model.unload()
         folders.append(tmp_path / f"e{e}")
     return folders
 

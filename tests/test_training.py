@@ -17,7 +17,7 @@ from quiver.training import (
     train_expert,
 )
 
-from .conftest import QUICK, make_task, new_library
+from .conftest import QUICK, make_task, new_library, restored
 
 
 def test_target_only_loss_equals_the_full_logits_loss(tiny, toy_task):
@@ -194,8 +194,7 @@ def _examples(tokenizer, n=8):
 def _lora(model, dropout=0.0):
     """The tiny model with LoRA, B initialised away from zero so that every factor gets a
     gradient; unwrapped (and put back in its mode, unfrozen) afterwards."""
-    was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
-    with torch.random.fork_rng(devices=[]):
+    with restored(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         peft_model = training._wrap_with_lora(model, dataclasses.replace(QUICK, dropout=dropout))
         for name, param in peft_model.named_parameters():
@@ -205,9 +204,6 @@ def _lora(model, dropout=0.0):
             yield peft_model
         finally:
             peft_model.unload()
-            model.train(was_training)
-            for param, flag in zip(model.parameters(), flags, strict=True):
-                param.requires_grad_(flag)
 
 
 def _gradients(peft_model, run) -> dict[str, torch.Tensor]:
