@@ -167,14 +167,21 @@ def _in_processes(function, calls: list[tuple], workers: int) -> list:
 
 # ---------------------------------------------------------------------------- multi-task
 def evaluate_multi_task(run: Path, budget: dict, model_and_tokenizer) -> dict:
-    """Each multi-task entry on the test splits of its training tasks, with its parameter
-    count; cached per entry."""
+    """The base model and each multi-task entry on the test splits of the training tasks,
+    with the entry's parameter count; cached per row."""
     from quiver.evaluation import EvalConfig
     from quiver.library import Library
     from quiver.recipes import evaluate_method
 
     tasks = TRAIN_TASKS[: budget["train_tasks"]]
     reports = {}
+    base_cache = run / "eval" / "base-on-training-tasks.json"
+    if not base_cache.exists():
+        report = evaluate_method("base", tasks, None, BASE,
+                                 EvalConfig(split="test", limit=budget["limit"]),
+                                 model_and_tokenizer=model_and_tokenizer, show_progress=False)
+        _write_json(base_cache, {**report, "label": "base", "kind": "-", "parameters": 0})
+    reports["base"] = json.loads(base_cache.read_text())
     for label in MULTI_TASK:
         cache = run / "eval" / f"multi-task-{_folder(label)}.json"
         if not cache.exists():
@@ -316,7 +323,8 @@ def write(args, budget: dict, summary: dict, multi: dict, timings: dict,
               "few_shot": summary,
               "multi_task": {k: {"average": v["average"]["accuracy"], "kind": v["kind"],
                                  "parameters": v["parameters"],
-                                 "tasks": {t: r["accuracy"] for t, r in v["tasks"].items()}}
+                                 "tasks": {t: r["accuracy"] for t, r in v["tasks"].items()},
+                                 "vs_base": _paired(v, multi["base"])}
                              for k, v in multi.items()}}
     RESULTS.mkdir(exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
@@ -337,12 +345,15 @@ def write(args, budget: dict, summary: dict, multi: dict, timings: dict,
         f"S x r; Poly and MHR S = {budget['skills']} skills of rank {budget['rank']} (MHR "
         f"H = {budget['heads']}); MTL-LoRA rank {budget['mtl_rank']} with n = 3 "
         "up-projections. Parameters: every stored tensor, routing included.", "",
-        "| adapter | trainable parameters | average | " + " | ".join(short) + " |",
-        "|---|---:|---:|" + "---:|" * len(short),
+        "| adapter | trainable parameters | average | minus base (95%) | "
+        + " | ".join(short) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(short),
     ]
     for label, r in record["multi_task"].items():
-        lines.append(f"| {label} | {r['parameters']:,} | **{r['average']:.1f}** | " + " | ".join(
-            f"{r['tasks'][t]:.1f}" for t in train_tasks) + " |")
+        diff, (low, high) = r["vs_base"]
+        lines.append(f"| {label} | {r['parameters']:,} | **{r['average']:.1f}** | {diff:+.1f} "
+                     f"({low:+.1f} to {high:+.1f}) | " + " | ".join(
+                         f"{r['tasks'][t]:.1f}" for t in train_tasks) + " |")
     steps = ", ".join(f"{s} for N={n}" for n, s in budget["fewshot_steps"].items())
     lines += [
         "", "## Few-shot: adapting to held-out tasks from N examples", "",
@@ -373,6 +384,13 @@ def write(args, budget: dict, summary: dict, multi: dict, timings: dict,
         lines.append("")
     stem.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def _paired(report: dict, reference: dict) -> tuple[float, tuple[float, float]]:
+    """`report` minus `reference` in average accuracy: paired bootstrap mean and 95% interval."""
+    samples = bootstrap_average([hits(report), hits(reference)])
+    difference = samples[:, 0] - samples[:, 1]
+    return float(difference.mean()), interval(difference)
 
 
 def _plot(summary: dict, path: Path, budget: str) -> None:
