@@ -19,6 +19,7 @@ from quiver.adaptation import (
     mhr_mu_factors,
     stack_experts,
 )
+from quiver.adaptation.lorahub import search_weights
 from quiver.adaptation.starts import LoraStart
 from quiver.adapters import PolyMHRConfig, load_poly
 from quiver.adapters.task_rows import PEFT_PREFIX
@@ -190,6 +191,41 @@ def test_polylib_routes_over_the_experts_frozen_or_trained(setup, tiny, method):
     report = evaluate_method(f"expert:{method}", [setup["new"]], setup["lib"], "tiny-llama",
                              EvalConfig(limit=2), show_progress=False, model_and_tokenizer=tiny)
     assert list(report["tasks"]) == [load_task(setup["new"]).name]
+
+
+def test_the_lorahub_search_starts_at_zero_spends_its_budget_and_frees_its_thread():
+    import threading
+
+    import numpy as np
+
+    config = AdaptConfig(method="lorahub", shots=4, lorahub_budget=30)
+    threads_before, asked = set(threading.enumerate()), []
+
+    def distance(w):  # a bowl with its bottom at (0.6, -0.3), inside the bounds
+        return float(((np.asarray(w) - [0.6, -0.3]) ** 2).sum())
+
+    def bowl(w):
+        asked.append(np.array(w))
+        return distance(w)
+
+    def threads_left() -> set:  # nevergrad's thread stops when told, not at once
+        threading.Event().wait(0.2)
+        return set(threading.enumerate()) - threads_before
+
+    search_weights(bowl, 2, config, seed=0)
+    assert not threads_left()  # nothing to hold the process at exit
+    assert len(asked) == 30 and not asked[0].any()
+    assert min(map(distance, asked)) < 1e-3  # found the bottom, not only moved
+    assert all(np.abs(w).max() <= 1.5 for w in asked)
+
+    def breaks(w):
+        if len(asked) > 33:
+            raise RuntimeError("the model failed")
+        return bowl(w)
+
+    with pytest.raises(RuntimeError, match="the model failed") as failure:
+        search_weights(breaks, 2, config, seed=0)
+    assert not threads_left() and failure.traceback  # though the traceback keeps the frames
 
 
 def test_lorahub_weights_come_from_the_search_and_make_the_stored_lora(setup, tiny):

@@ -44,7 +44,8 @@ class AdaptConfig:
     lorahub_bound: float = field(default=1.5, metadata={
         "help": "lorahub: each weight is searched in [-bound, bound] (LoraHub: 1.5)"})
     lorahub_sigma: float = field(default=0.5, metadata={
-        "help": "lorahub: CMA-ES's initial step size around the start (all weights 0)"})
+        "help": "lorahub: the search's initial step size around the start (all weights "
+                "0; nevergrad's default is 1)"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -10,19 +10,19 @@ and w minimises, over at most `shots` examples of the task,
 
     L(w) = mean target cross-entropy of the model with (A_w, B_w) + l1 * sum_e |w_e|
 
-with each w_e in [-bound, bound], starting from w = 0 (the base model) with CMA-ES's step
-size sigma = 0.5 (a third of the bound: quiver's choice), for a budget of loss evaluations.
-LoraHub's defaults: l1 = 0.05, bound 1.5, budget 40. LoraHub searches with nevergrad's NGOpt,
-a selector that picks an optimiser from the budget, the dimension and the parametrisation
-(CMA-ES among its choices for continuous bounded problems); nevergrad is not installable
-here, so quiver uses CMA-ES from `cma` (pycma, maintained by CMA-ES's author) directly,
-which also makes the search one fixed, seeded algorithm. The start w = 0 is the first
-evaluation, so the result is never worse (in L) than the base model; the weights of the
-best evaluation are kept (not a model-based recommendation). The result is a plain LoRA
-of the experts' rank (no training follows: LoraHub is gradient-free).
+with each w_e in [-bound, bound], starting from w = 0 (the base model). LoraHub's defaults:
+l1 = 0.05, bound 1.5, budget 40. As LoraHub does, the search is nevergrad's NGOpt, a selector
+that picks an optimiser from the budget, the dimension and the bounds (for LoraHub's budgets
+and a few dozen experts it picks COBYLA); its initial step size sigma is 0.5, a third of the
+bound (quiver's choice; nevergrad's default is 1). w = 0 is always scored, so the result
+is never worse (in L) than the base model; the weights of the best evaluation are kept
+(LoraHub takes the optimiser's recommendation, which for COBYLA is the same point). The
+result is a plain LoRA of the experts' rank (no training follows: LoraHub is gradient-free).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ def lorahub_search(model, tokenizer, experts, examples, config: AdaptConfig,
     Raises:
         QuiverError: no experts, or experts of different ranks or layer sets.
     """
-    import cma
+    import nevergrad
 
     check_same_shapes(experts, "lorahub")
     stacks = stack_experts(experts)
@@ -73,19 +73,24 @@ def lorahub_search(model, tokenizer, experts, examples, config: AdaptConfig,
     plain = TrainConfig(rank=rank, alpha=float(rank), dropout=0.0, target_modules=targets)
     adapter = _LoraAdapter(model, plain)  # scaling 1: the combined B carries the s_e
     history: list[dict] = []
+    losses: dict[tuple[float, ...], float] = {}
     try:
         adapter.eval()
 
         def objective(weights) -> float:
-            adapter.load_weights(peft_lora_weights(combine(stacks, weights)))
-            loss = mean_target_loss(adapter.causal_lm, data, tokenizer.pad_token_id,
-                                    train_config.batch_size * 2)
+            key = tuple(float(w) for w in weights)
+            if key in losses:  # an optimiser may ask for a point twice: score it once
+                loss = losses[key]
+            else:
+                adapter.load_weights(peft_lora_weights(combine(stacks, weights)))
+                loss = losses[key] = mean_target_loss(adapter.causal_lm, data,
+                                                      tokenizer.pad_token_id,
+                                                      train_config.batch_size * 2)
             value = loss + config.lorahub_l1 * float(np.abs(weights).sum())
-            history.append({"weights": [float(w) for w in weights], "loss": loss,
-                            "objective": value})
+            history.append({"weights": list(key), "loss": loss, "objective": value})
             return value
 
-        _cma_search(objective, len(experts), config, train_config.seed)
+        search_weights(objective, len(experts), config, train_config.seed)
     finally:
         adapter.remove()
     best = min(history, key=lambda h: h["objective"])
@@ -94,30 +99,31 @@ def lorahub_search(model, tokenizer, experts, examples, config: AdaptConfig,
               "evaluations": [h["objective"] for h in history],
               "l1": config.lorahub_l1, "bound": config.lorahub_bound,
               "budget": config.lorahub_budget, "sigma": config.lorahub_sigma,
-              "optimiser": f"cma {cma.__version__} (CMA-ES)"}
+              "optimiser": f"nevergrad {nevergrad.__version__} NGOpt"}
     return combine(stacks, best["weights"]), record
 
 
-def _cma_search(objective, dimensions: int, config: AdaptConfig, seed: int) -> None:
-    """Evaluate `objective` at w = 0, then at CMA-ES's candidates, `lorahub_budget` times in
-    all (a last generation is cut short rather than overrun the budget)."""
-    import cma
+def search_weights(objective, dimensions: int, config: AdaptConfig, seed: int) -> None:
+    """Minimise `objective` over [-bound, bound]^dimensions with nevergrad's NGOpt from w = 0,
+    asking `lorahub_budget` candidates. NGOpt's first candidate is its start, w = 0; were it
+    not, w = 0 is scored before it, once beyond the budget."""
+    import nevergrad
 
-    numpy_state = np.random.get_state()  # cma seeds numpy's global generator: put it back
+    space = nevergrad.p.Array(init=np.zeros(dimensions), lower=-config.lorahub_bound,
+                              upper=config.lorahub_bound).set_mutation(sigma=config.lorahub_sigma)
+    space.random_state = np.random.RandomState(seed)  # nevergrad's own generator, seeded
+    search = nevergrad.optimizers.NGOpt(parametrization=space, budget=config.lorahub_budget)
     try:
-        start = [0.0] * dimensions
-        objective(np.asarray(start))
-        evaluations = 1
-        search = cma.CMAEvolutionStrategy(start, config.lorahub_sigma, {
-            "bounds": [-config.lorahub_bound, config.lorahub_bound],
-            "seed": seed + 1,  # cma takes 0 as "seed from the clock"
-            "verbose": -9})
-        while evaluations < config.lorahub_budget:
-            candidates = search.ask()[:config.lorahub_budget - evaluations]
-            values = [objective(np.asarray(x)) for x in candidates]
-            evaluations += len(values)
-            if len(values) < search.popsize:
-                break  # a generation cut short by the budget cannot be told
-            search.tell(candidates, values)
+        with warnings.catch_warnings():
+            # scipy's COBYLA warns that nevergrad's final radius is unset; it picks one itself
+            warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")
+            for step in range(config.lorahub_budget):
+                candidate = search.ask()
+                if step == 0 and np.any(candidate.value != 0):
+                    objective(np.zeros(dimensions))  # the base model is always a candidate
+                search.tell(candidate, objective(candidate.value))
     finally:
-        np.random.set_state(numpy_state)
+        # Scipy-based optimisers (COBYLA) run in a thread that waits for the next `tell` and
+        # stops only when the optimiser is freed; after an error the traceback would keep this
+        # frame, and so the optimiser, alive, and the waiting thread would hold the process.
+        del search
