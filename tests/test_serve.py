@@ -171,3 +171,24 @@ def test_load_300_requests_32_clients_some_cancelled(client, server, expected):
     assert not wrong
     health = _wait_idle(server)
     assert health["status"] == "ok" and health["accepted"] == 0 and health["running"] == 0
+
+
+def test_a_request_a_stopping_engine_refuses_gives_its_slot_back(tiny):
+    import asyncio
+
+    from quiver.errors import QuiverError
+    from quiver.serving.engine import Engine
+    from quiver.serving.rows import BASE, Route, serve_library
+    from quiver.serving.sampling import SamplingParams
+    from quiver.serving.server import _Job, _Slots
+
+    served = serve_library(*tiny, None)  # the bare base: nothing attached
+    engine, slots = Engine(served), _Slots(2)
+    engine.stop()  # as at shutdown: no request gets in any more
+
+    async def arrive():
+        _Job(engine, slots, [1, 2], Route(BASE), SamplingParams(), [], served)
+
+    with pytest.raises(QuiverError, match="stopped"):
+        asyncio.run(arrive())
+    assert slots.used == 0  # else the server would answer 429 for ever after

@@ -72,7 +72,11 @@ class _Job:
         self.request = Request(ids, route, sampling, self._emit, stop_ids(served))
         slots.take()
         self._released = False
-        engine.submit(self.request)
+        try:
+            engine.submit(self.request)
+        except QuiverError:  # the engine is stopping: the request never got in
+            self._release()
+            raise
 
     def _emit(self, event: Event) -> None:  # on the engine thread
         with contextlib.suppress(RuntimeError):  # the loop has closed: shutting down
