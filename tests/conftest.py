@@ -174,6 +174,45 @@ def check_an_interrupted_build_resumes(tiny, folder, monkeypatch, strategy, spec
         torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)
 
 
+def check_an_interrupted_training_resumes(tiny, folder, monkeypatch, spec, other_spec,
+                                          layer_type, steps: int, eval_every: int,
+                                          crash: int) -> None:
+    """Train adapter `spec` on two toy tasks, crash at step `crash` (after the run state saved
+    at the last validation before it), check the adapter's layers (`layer_type`) left the
+    model, that `other_spec` refuses to resume the run, and that resuming stores exactly the
+    weights of a training never interrupted."""
+    import quiver.training as training
+    from quiver.errors import QuiverError
+
+    model, tokenizer = tiny
+    library = new_library(folder / "lib", model)
+    tasks = [make_task("toy:a"), make_task("toy:b")]
+    config = dataclasses.replace(QUICK, steps=steps, eval_every=eval_every)
+    uninterrupted, _ = train_expert(model, tokenizer, tasks, "m", config, adapter=spec,
+                                    show_progress=False)
+    real = training._lr_factor
+
+    def crash_at(step, steps, warmup):
+        if step == crash:
+            raise KeyboardInterrupt
+        return real(step, steps, warmup)
+
+    monkeypatch.setattr(training, "_lr_factor", crash_at)
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(model, tokenizer, tasks, "m", config, library.run_state("m"),
+                     show_progress=False, adapter=spec)
+    assert library.run_state("m").read()[1]["step"] == crash // eval_every * eval_every
+    assert not any(isinstance(m, layer_type) for m in model.modules())  # removed on a crash
+    monkeypatch.setattr(training, "_lr_factor", real)
+    with pytest.raises(QuiverError, match="another config"):  # another adapter: not this run
+        train_expert(model, tokenizer, tasks, "m", config, library.run_state("m"),
+                     show_progress=False, adapter=other_spec)
+    resumed, _ = train_expert(model, tokenizer, tasks, "m", config, library.run_state("m"),
+                              show_progress=False, adapter=spec)
+    for key, value in uninterrupted.weights.items():
+        torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)
+
+
 def random_lora(name: str, model, generator: torch.Generator, modules=None, scale=0.5,
                 rank: int = 4):
     """An untrained LoRA expert with random A and B (B large enough to change the outputs)."""

@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-import quiver.training as training
 from quiver.adapters import MTLLoRAConfig, attach_mtl_lora, load_mtl_lora, task_lora
 from quiver.adapters.mtl_lora import MTLLoRALinear
 from quiver.adapters.task_rows import TaskRouting
@@ -25,6 +24,7 @@ from quiver.training import train_expert
 from .conftest import (
     QUICK,
     check_an_interrupted_build_resumes,
+    check_an_interrupted_training_resumes,
     jsonl_tasks,
     make_task,
     new_library,
@@ -167,33 +167,9 @@ def test_joint_training_learns_a_row_per_task_and_leaves_the_model_as_found(tiny
 
 
 def test_an_interrupted_training_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):
-    model, tokenizer = tiny
-    library = new_library(tmp_path / "lib", model)
-    tasks = [make_task("toy:a"), make_task("toy:b")]
-    config = dataclasses.replace(QUICK, steps=5, eval_every=2)
-    uninterrupted, _ = train_expert(model, tokenizer, tasks, "m", config, adapter=SPEC,
-                                    show_progress=False)
-    real = training._lr_factor
-
-    def crash_at_step_4(step, steps, warmup):  # after the state saved at step 4
-        if step == 4:
-            raise KeyboardInterrupt
-        return real(step, steps, warmup)
-
-    monkeypatch.setattr(training, "_lr_factor", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train_expert(model, tokenizer, tasks, "m", config, library.run_state("m"),
-                     show_progress=False, adapter=SPEC)
-    assert library.run_state("m").read()[1]["step"] == 4
-    assert not any(isinstance(m, MTLLoRALinear) for m in model.modules())  # removed on a crash
-    monkeypatch.setattr(training, "_lr_factor", real)
-    with pytest.raises(QuiverError, match="another config"):  # another n: not this run
-        train_expert(model, tokenizer, tasks, "m", config, library.run_state("m"),
-                     show_progress=False, adapter=MTLLoRAConfig(up_projections=2))
-    resumed, _ = train_expert(model, tokenizer, tasks, "m", config, library.run_state("m"),
-                              show_progress=False, adapter=SPEC)
-    for key, value in uninterrupted.weights.items():
-        torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)
+    check_an_interrupted_training_resumes(tiny, tmp_path, monkeypatch, SPEC,
+                                          MTLLoRAConfig(up_projections=2), MTLLoRALinear,
+                                          steps=5, eval_every=2, crash=4)
 
 
 # ---------------------------------------------------------------- storage and export

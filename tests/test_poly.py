@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-import quiver.training as training
 from quiver.adapters import PolyMHRConfig, attach_poly, load_poly, routing_weights
 from quiver.adapters.poly_mhr import PolyLinear, TaskRouting
 from quiver.build import BuildConfig, build_library
@@ -25,6 +24,7 @@ from quiver.training import train_expert
 from .conftest import (
     QUICK,
     check_an_interrupted_build_resumes,
+    check_an_interrupted_training_resumes,
     jsonl_tasks,
     make_task,
     new_library,
@@ -173,33 +173,9 @@ def test_joint_training_learns_a_routing_row_per_task_at_its_own_rate(tiny):
 
 
 def test_an_interrupted_poly_training_resumes_to_the_same_weights(tiny, tmp_path, monkeypatch):
-    model, tokenizer = tiny
-    library = new_library(tmp_path / "lib", model)
-    tasks = [make_task("toy:a"), make_task("toy:b")]
-    config = dataclasses.replace(QUICK, steps=8, eval_every=3)
-    uninterrupted, _ = train_expert(model, tokenizer, tasks, "mhr", config, adapter=SPEC,
-                                    show_progress=False)
-    real = training._lr_factor
-
-    def crash_at_step_7(step, steps, warmup):
-        if step == 7:
-            raise KeyboardInterrupt
-        return real(step, steps, warmup)
-
-    monkeypatch.setattr(training, "_lr_factor", crash_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
-        train_expert(model, tokenizer, tasks, "mhr", config, library.run_state("mhr"),
-                     show_progress=False, adapter=SPEC)
-    assert library.run_state("mhr").read()[1]["step"] == 6
-    assert not any(isinstance(m, PolyLinear) for m in model.modules())  # removed on a crash
-    monkeypatch.setattr(training, "_lr_factor", real)
-    with pytest.raises(QuiverError, match="another config"):  # other skills: not this run
-        train_expert(model, tokenizer, tasks, "mhr", config, library.run_state("mhr"),
-                     show_progress=False, adapter=PolyMHRConfig(skills=2, heads=4))
-    resumed, _ = train_expert(model, tokenizer, tasks, "mhr", config, library.run_state("mhr"),
-                              show_progress=False, adapter=SPEC)
-    for key, value in uninterrupted.weights.items():
-        torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)
+    check_an_interrupted_training_resumes(tiny, tmp_path, monkeypatch, SPEC,
+                                          PolyMHRConfig(skills=2, heads=4), PolyLinear,
+                                          steps=8, eval_every=3, crash=7)
 
 
 # ---------------------------------------------------------- build, evaluate, refuse
