@@ -13,15 +13,17 @@ from quiver.transforms.arrow import top_right_singular_vector
 from .conftest import new_library, restored
 
 
-@pytest.mark.parametrize("tokens, experts, k", [(1, 3, 1), (7, 8, 3), (64, 32, 4)])
+@pytest.mark.parametrize("tokens, experts, k", [(1, 3, 1), (7, 8, 3), (64, 32, 4), (9, 3, 5)])
 def test_every_mixture_strategy_equals_the_token_by_token_sum(tokens, experts, k):
     torch.manual_seed(0)
     x = torch.randn(tokens, 24)
     a = torch.randn(experts, 5, 24)
     b = torch.randn(experts, 16, 5)
-    scores = torch.randn(tokens, experts)
-    top = scores.topk(k, dim=-1)
-    weights, indices = torch.softmax(top.values, -1), top.indices
+    if k <= experts:
+        top = torch.randn(tokens, experts).topk(k, dim=-1)
+        weights, indices = torch.softmax(top.values, -1), top.indices
+    else:  # k > E: some expert is named twice in a token's list, and counts twice
+        weights, indices = torch.rand(tokens, k), torch.randint(experts, (tokens, k))
     expected = torch.zeros(tokens, 16)
     for t in range(tokens):
         for j in range(k):

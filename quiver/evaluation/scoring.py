@@ -78,11 +78,11 @@ def score_choices_batch(model, tokenizer: PreTrainedTokenizerBase,
         option_ids[row, : len(ids)] = torch.tensor(ids)
         option_mask[row, : len(ids)] = 1
     owner_index = torch.tensor(owner, device=device)
-    cache = out.past_key_values
+    cache = out.cache
     cache.reorder_cache(owner_index)  # each option row gets its example's prompt cache
     lengths = torch.tensor([len(p) for p in prompts], device=device)[owner_index]
     positions = lengths[:, None] + torch.arange(option_width, device=device)
-    logits = model(input_ids=option_ids, past_key_values=cache, position_ids=positions,
+    logits = model(input_ids=option_ids, cache=cache, position_ids=positions,
                    attention_mask=torch.cat([prompt_mask[owner_index], option_mask], 1)).logits
     # log p(token j+1) = logit - logsumexp, without a (rows, W, vocab) log-softmax copy
     logits = logits.float()

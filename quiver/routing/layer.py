@@ -44,7 +44,8 @@ def mixture_dense(x, weights, indices, a_stack, b_rows, h=None, index=None) -> t
     """Every expert on every token; coefficients are zero outside each token's top-k."""
     n_experts, rank, _ = a_stack.shape
     t = x.shape[0]
-    coef = x.new_zeros(t, n_experts).scatter_(1, indices, weights)  # (t, E)
+    # add, not set: an expert named twice in a token's list counts twice, as in the others
+    coef = x.new_zeros(t, n_experts).scatter_add(1, indices, weights)  # (t, E)
     h = (_h_all(x, a_stack, h).view(t, n_experts, rank) * coef[:, :, None])  # (t, E, R)
     return h.view(t, n_experts * rank) @ b_rows
 

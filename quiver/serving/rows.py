@@ -124,8 +124,7 @@ class RowRoutingContext(RoutingContext):
         n_experts = layer.a_stack.shape[0]
         k, per_row = self.top_k(n_experts), self._tokens_per_row
         kinds = self._row_kinds
-        # Every row's k indices are distinct (the dense mixture scatters them: a repeated
-        # index would overwrite a weight); unused slots carry weight 0.
+        # Every row's k indices are distinct, as Arrow's are; unused slots carry weight 0.
         indices = torch.arange(k, device=device).repeat(len(kinds), 1)  # (B, k)
         weights = torch.zeros(len(kinds), k, dtype=dtype, device=device)  # (B, k)
         local = layer.local_index[self._row_experts]  # (B,) -1: the layer lacks it
