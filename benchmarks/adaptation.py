@@ -334,7 +334,8 @@ def write(args, budget: dict, summary: dict, multi: dict, timings: dict,
         f"# Few-shot adaptation and multi-task adapters, budget `{args.budget}`", "",
         f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}; "
         f"{timings['sources'] / 60:.0f} min to train the sources, "
-        f"{timings['few_shot'] / 60:.0f} min to adapt and score.", "",
+        f"{timings['few_shot'] / 60:.0f} min to adapt and score (wall time from the run "
+        "folder's file times: the pauses of a run resumed in another session count too).", "",
         f"SmolLM2-135M-Instruct ({budget['dtype']}). Training tasks ({len(train_tasks)}): "
         f"{', '.join(short)}.", "",
         "## Multi-task: jointly trained adapters, matched parameters", "",
