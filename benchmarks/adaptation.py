@@ -77,7 +77,7 @@ BUDGETS = {
               "skills": 4, "heads": 8, "mtl_rank": 8, "private_steps": 40, "joint_steps": 100,
               "fewshot_steps": {16: 10, 64: 16, 256: 24}, "batch": 8, "fewshot_batch": 4,
               "max_length": 256, "lr": 5e-4, "fewshot_lr": 1e-3, "lorahub_budget": 20,
-              "limit": 50, "dtype": "fast", "workers": 2},
+              "lorahub_examples": 64, "limit": 50, "dtype": "fast", "workers": 2},
     "full": {"train_tasks": 20, "fewshot_tasks": 12, "shots": [16, 64, 256], "rank": 4,
              "skills": 8, "heads": 64, "mtl_rank": 16, "private_steps": 200,
              "joint_steps": 2000, "fewshot_steps": {16: 100, 64: 200, 256: 400}, "batch": 16,
@@ -243,7 +243,8 @@ def few_shot_job(run: Path, budget: dict, task: str) -> str:
                 started = time.perf_counter()
                 adapt_task(task, str(folder), name,
                            AdaptConfig(method=method, shots=shots, source=source,
-                                       lorahub_budget=budget["lorahub_budget"]),
+                                       lorahub_budget=budget["lorahub_budget"],
+                                       lorahub_examples=budget.get("lorahub_examples", 0)),
                            train_config(budget, steps, few_shot=True), BASE,
                            show_progress=False, model_and_tokenizer=model_and_tokenizer)
                 print(f"{short} {name}: adapted in {time.perf_counter() - started:.0f} s",
@@ -318,6 +319,9 @@ def write(args, budget: dict, summary: dict, multi: dict, timings: dict,
     machine = machine_name()
     train_tasks = TRAIN_TASKS[: budget["train_tasks"]]
     planned = budget["fewshot_tasks"]
+    lorahub_examples = (f", on at most {budget['lorahub_examples']} of the shots (so at larger N "
+                        "it searches on the same shots: they are nested)"
+                        if budget.get("lorahub_examples") else "")
     record = {"command": command, "commit": commit, "machine": machine, "budget": budget,
               "train_tasks": train_tasks, "few_shot_tasks": few_tasks, "timings_s": timings,
               "few_shot": summary,
@@ -365,7 +369,8 @@ def write(args, budget: dict, summary: dict, multi: dict, timings: dict,
         f"{', '.join(t.removeprefix('bigbench:') for t in few_tasks)}. N examples of each "
         f"task's training split (seed 0); training steps {steps} (batch "
         f"{budget['fewshot_batch']}, lr {budget['fewshot_lr']:g}, routing lr 0.1) for every "
-        f"method; LoraHub: {budget['lorahub_budget']} loss evaluations, L1 0.05. Sources: "
+        f"method; LoraHub: {budget['lorahub_budget']} loss evaluations, L1 0.05"
+        f"{lorahub_examples}. Sources: "
         f"the MHR entry above (mhr-*) and the library of {len(train_tasks)} private LoRA "
         f"experts ({budget['private_steps']} steps each; polylib*, lib-mu, lorahub, Arrow). "
         f"Accuracy (%) on each task's test split (at most {budget['limit']} examples, the "

@@ -234,10 +234,11 @@ def test_lorahub_weights_come_from_the_search_and_make_the_stored_lora(setup, ti
     setup = {**setup, "copy-again": write_task(setup["root"] / "again" / "copy.jsonl", "copy")}
     experts = Library(setup["experts"]).experts()
     expert = adapt(setup, tiny, "lorahub", "lorahub", source=setup["experts"], shots=4,
-                   task="copy-again", lorahub_budget=9, lorahub_l1=1e-4)
+                   task="copy-again", lorahub_budget=9, lorahub_l1=1e-4, lorahub_examples=3)
     check_provenance(expert, setup, "lorahub", setup["experts"], shots=4, task="copy-again")
     record = expert.info.training["lorahub"]
     assert len(record["evaluations"]) == 9  # the budget, exactly; the first is w = 0
+    assert record["examples"] == 3  # of the 4 shots
     assert record["objective"] == min(record["evaluations"])
     assert record["objective"] < record["evaluations"][0]  # better than the base model
     weights = [record["weights"][e.name] for e in experts]

@@ -43,6 +43,9 @@ class AdaptConfig:
         "help": "lorahub: weight of the L1 penalty on the expert weights (LoraHub: 0.05)"})
     lorahub_bound: float = field(default=1.5, metadata={
         "help": "lorahub: each weight is searched in [-bound, bound] (LoraHub: 1.5)"})
+    lorahub_examples: int = field(default=0, metadata={
+        "help": "lorahub: each candidate's loss is measured on at most this many of the "
+                "shots (the first ones); 0: all of them (LoraHub's paper searches on 5)"})
     lorahub_sigma: float = field(default=0.5, metadata={
         "help": "lorahub: the search's initial step size around the start (all weights "
                 "0; nevergrad's default is 1)"})
@@ -55,5 +58,7 @@ class AdaptConfig:
         if self.routing_lr <= 0 or self.lorahub_budget < 1 or self.lorahub_l1 < 0:
             raise ValueError("routing_lr must be positive, lorahub_budget at least 1 and "
                              "lorahub_l1 at least 0")
+        if self.lorahub_examples < 0:
+            raise ValueError("lorahub_examples must be at least 0 (0: all the shots)")
         if self.lorahub_bound <= 0 or self.lorahub_sigma <= 0:
             raise ValueError("lorahub_bound and lorahub_sigma must be positive")

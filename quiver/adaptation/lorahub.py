@@ -10,6 +10,9 @@ and w minimises, over at most `shots` examples of the task,
 
     L(w) = mean target cross-entropy of the model with (A_w, B_w) + l1 * sum_e |w_e|
 
+(on the first `lorahub_examples` shots when that is set: each evaluation costs a forward
+pass over them, and a search of one weight per expert needs far fewer examples than N may be)
+
 with each w_e in [-bound, bound], starting from w = 0 (the base model). LoraHub's defaults:
 l1 = 0.05, bound 1.5, budget 40. As LoraHub does, the search is nevergrad's NGOpt, a selector
 that picks an optimiser from the budget, the dimension and the bounds (for LoraHub's budgets
@@ -69,6 +72,7 @@ def lorahub_search(model, tokenizer, experts, examples, config: AdaptConfig,
     stacks = stack_experts(experts)
     rank = experts[0].adapter_config["r"]
     targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in stacks}))
+    examples = examples[: config.lorahub_examples or len(examples)]  # each evaluation's cost
     data = [tokenize_example(tokenizer, e, train_config.max_length) for e in examples]
     plain = TrainConfig(rank=rank, alpha=float(rank), dropout=0.0, target_modules=targets)
     adapter = _LoraAdapter(model, plain)  # scaling 1: the combined B carries the s_e
@@ -97,7 +101,7 @@ def lorahub_search(model, tokenizer, experts, examples, config: AdaptConfig,
     record = {"weights": dict(zip([e.name for e in experts], best["weights"], strict=True)),
               "loss": best["loss"], "objective": best["objective"],
               "evaluations": [h["objective"] for h in history],
-              "l1": config.lorahub_l1, "bound": config.lorahub_bound,
+              "examples": len(data), "l1": config.lorahub_l1, "bound": config.lorahub_bound,
               "budget": config.lorahub_budget, "sigma": config.lorahub_sigma,
               "optimiser": f"nevergrad {nevergrad.__version__} NGOpt"}
     return combine(stacks, best["weights"]), record
