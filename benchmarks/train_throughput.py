@@ -233,27 +233,20 @@ def _write_memory(rows: list[dict], args) -> None:
     record = {**_provenance(), "task": LONG_TASK, "batch": f"{LONG_BATCH} x {LONG_LENGTH}",
               "steps_per_round": args.steps, "rounds": args.rounds,
               "reference": reference and reference["variant"], "rows": rows}
-    (RESULTS / "train_throughput_memory.json").write_text(json.dumps(record, indent=2))
-    lines = [
-        "# Training memory: batch 16 x 512 (CPU)", "",
-        f"`{record['command']}` at commit `{record['commit']}`, {record['machine']}, "
-        f"torch {torch.__version__}.",
-        f"SmolLM2-135M-Instruct in fp32, LoRA r=4 on 7 modules, {args.steps} step(s) of 16 "
-        f"examples x 512 tokens of {LONG_TASK} per round, {args.rounds} rounds in alternating "
-        f"order, each run in its own process. Ratios against `{record['reference']}`.", "",
-        "| variant | runs as | tokens/s | per round | vs reference | peak RSS (MiB) |",
-        "|---|---|---:|---|---:|---:|",
-    ]
+    table = ["| variant | runs as | tokens/s | per round | vs reference | peak RSS (MiB) |",
+             "|---|---|---:|---|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['error']} | | | | |")
+            table.append(f"| {r['variant']} | {r['error']} | | | | |")
             continue
         ratio = r["tokens_per_second"] / reference["tokens_per_second"] if reference else math.nan
         rounds = ", ".join(f"{x:.1f}" for x in r["per_round_tokens_per_second"])
-        lines.append(f"| {r['variant']} | {r['plan']} | {r['tokens_per_second']:.1f} | {rounds} "
+        table.append(f"| {r['variant']} | {r['plan']} | {r['tokens_per_second']:.1f} | {rounds} "
                      f"| {ratio:.2f}x | {r['peak_rss_mib']} |")
-    (RESULTS / "train_throughput_memory.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _save("train_throughput_memory", record, "Training memory: batch 16 x 512 (CPU)",
+          f"SmolLM2-135M-Instruct in fp32, LoRA r=4 on 7 modules, {args.steps} step(s) of 16 "
+          f"examples x 512 tokens of {LONG_TASK} per round, {args.rounds} rounds in alternating "
+          f"order, each run in its own process. Ratios against `{record['reference']}`.", table)
 
 
 # ---------------------------------------------------------- --parallel: two trainings at once
@@ -319,28 +312,21 @@ def _job_process(seed: int, threads: int, args) -> dict:
 def _write_parallel(rows: list[dict], args) -> None:
     record = {**_provenance(), "tasks": TASKS, "per_task": args.per_task, "rounds": args.rounds,
               "rows": rows}
-    suffix = "" if args.dtype == "fp32" else f"_{args.dtype}"
-    (RESULTS / f"train_throughput_parallel{suffix}.json").write_text(json.dumps(record, indent=2))
     first = rows[0]["tokens_per_second"]
-    lines = [
-        "# Two trainings at once (CPU)", "",
-        f"`{record['command']}` at commit `{record['commit']}`, {record['machine']}, "
-        f"torch {torch.__version__}.",
-        f"Two trainings (seeds 0 and 1) of SmolLM2-135M-Instruct, {args.dtype}, LoRA r=4, batch "
-        f"8, max length 256, one epoch over {args.per_task} examples of each of "
-        f"{', '.join(TASKS)}; "
-        f"{args.rounds} rounds in alternating order. Aggregate tokens/s over the wall time of "
-        "both, model loading included; `in loop` counts step time only.", "",
-        "| way | tokens/s | in loop | per round | vs one after the other |",
-        "|---|---:|---:|---|---:|",
-    ]
+    table = ["| way | tokens/s | in loop | per round | vs one after the other |",
+             "|---|---:|---:|---|---:|"]
     for r in rows:
         rounds = ", ".join(f"{x:.0f}" for x in r["per_round_tokens_per_second"])
-        lines.append(f"| {r['way']} | {r['tokens_per_second']:.0f} | "
+        table.append(f"| {r['way']} | {r['tokens_per_second']:.0f} | "
                      f"{r['loop_tokens_per_second']:.0f} | {rounds} | "
                      f"{r['tokens_per_second'] / first:.2f}x |")
-    (RESULTS / f"train_throughput_parallel{suffix}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    suffix = "" if args.dtype == "fp32" else f"_{args.dtype}"
+    _save(f"train_throughput_parallel{suffix}", record, "Two trainings at once (CPU)",
+          f"Two trainings (seeds 0 and 1) of SmolLM2-135M-Instruct, {args.dtype}, LoRA r=4, batch "
+          f"8, max length 256, one epoch over {args.per_task} examples of each of "
+          f"{', '.join(TASKS)}; {args.rounds} rounds in alternating order. Aggregate tokens/s "
+          "over the wall time of both, model loading included; `in loop` counts step time only.",
+          table)
 
 
 # ---------------------------------------------------------------------------- running
@@ -418,24 +404,27 @@ def _provenance() -> dict:
 def _write(rows: list[dict], args) -> None:
     baseline = next((r for r in rows if r["variant"] == "peft-baseline" and "error" not in r), None)
     record = {**_provenance(), "tasks": TASKS, "per_task": args.per_task, "rows": rows}
-    command, commit, machine = record["command"], record["commit"], record["machine"]
-    (RESULTS / "train_throughput.json").write_text(json.dumps(record, indent=2))
-    lines = [
-        "# Training throughput (CPU)", "",
-        f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}.",
-        f"SmolLM2-135M-Instruct, LoRA r=4 on 7 modules, batch 8, max length 256, one epoch over "
-        f"{args.per_task} training examples of each of {', '.join(TASKS)}.", "",
-        "| variant | steps | tokens | tokens/s | speed-up vs PEFT loop | peak RSS (MiB) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    table = ["| variant | steps | tokens | tokens/s | speed-up vs PEFT loop | peak RSS (MiB) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['error']} | | | | |")
+            table.append(f"| {r['variant']} | {r['error']} | | | | |")
             continue
-        ratio = r["tokens_per_second"] / baseline["tokens_per_second"] if baseline else float("nan")
-        lines.append(f"| {r['variant']} | {r['steps']} | {r['tokens']} | "
+        ratio = r["tokens_per_second"] / baseline["tokens_per_second"] if baseline else math.nan
+        table.append(f"| {r['variant']} | {r['steps']} | {r['tokens']} | "
                      f"{r['tokens_per_second']:.0f} | {ratio:.2f}x | {r['peak_rss_mib']} |")
-    (RESULTS / "train_throughput.md").write_text("\n".join(lines) + "\n")
+    _save("train_throughput", record, "Training throughput (CPU)",
+          f"SmolLM2-135M-Instruct, LoRA r=4 on 7 modules, batch 8, max length 256, one epoch "
+          f"over {args.per_task} training examples of each of {', '.join(TASKS)}.", table)
+
+
+def _save(name: str, record: dict, title: str, setup: str, table: list[str]) -> None:
+    """results/NAME.json (the record) and results/NAME.md (provenance, setup, table)."""
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2))
+    lines = [f"# {title}", "",
+             f"`{record['command']}` at commit `{record['commit']}`, {record['machine']}, "
+             f"torch {record['torch']}.", setup, "", *table]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
