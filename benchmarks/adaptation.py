@@ -16,8 +16,11 @@ zero-shot over the same library; accuracy on each task's test split, and each me
 paired bootstrap difference from `private` at the same N (same examples).
 
 Every method gets the same training steps for a given N (the budget's `fewshot_steps`).
-Each held-out task is one job, run in a process of its own (`workers` at once, one thread
-each); entries and reports are cached in the run folder, so a stopped run resumes.
+Each held-out task is one job, and so is each row of the multi-task table, run in processes
+of their own (`workers` at once, one thread each); entries and reports are cached in the run
+folder, so a stopped run resumes. With LoraHub's shots capped (`lorahub_examples`) and nested,
+a larger N can search on exactly the shots of a smaller one: that search is run once and
+reported at both N (marked `same_as` in the run folder).
 
 Usage: .venv/bin/python benchmarks/adaptation.py --budget small
 Writes benchmarks/results/adaptation_<budget>.{json,md,png}
@@ -49,19 +52,25 @@ from zero_shot import (  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BASE = "smollm2-135m"
-FEW_SHOT_TASKS = [  # BIG-bench multiple choice with >= 256 training examples, short prompts
-    "bigbench:strategyqa",
-    "bigbench:winowhy",
-    "bigbench:bbq_lite_json",
-    "bigbench:formal_fallacies_syllogisms_negation",
-    "bigbench:logical_deduction",
-    "bigbench:hyperbaton",
-    "bigbench:navigate",
-    "bigbench:sports_understanding",
-    "bigbench:vitaminc_fact_verification",
-    "bigbench:play_dialog_same_or_different",
-    "bigbench:tracking_shuffled_objects",
-    "bigbench:movie_recommendation",
+# Held out: the BIG-bench multiple-choice tasks in no training list with at least 400 examples
+# and at most 5 options, by mean prompt length (SmolLM2 tokens, first 200 examples): the
+# shortest eight first (a few-shot job's time grows with it: 8 min for strategyqa's 20
+# tokens, 28 for bbq_lite_json's 65, 35 for the 100 of formal_fallacies and
+# logical_deduction, 2-core AMD EPYC), then the next four for `full`. Within a budget's
+# tasks the longest comes first, so that the last jobs of the pool are short.
+FEW_SHOT_TASKS = [
+    "bigbench:bbq_lite_json",  # 65 tokens, 3 options
+    "bigbench:winowhy",  # 59, 2
+    "bigbench:movie_recommendation",  # 58, 4
+    "bigbench:ruin_names",  # 56, 4
+    "bigbench:navigate",  # 49, 2
+    "bigbench:sports_understanding",  # 37, 2
+    "bigbench:hyperbaton",  # 35, 2
+    "bigbench:strategyqa",  # 20, 2
+    "bigbench:social_support",  # 78, 3 (full; multiemo, 75 tokens, is left out for its
+    "bigbench:logical_deduction",  # 100, 5     1.4 million examples)
+    "bigbench:formal_fallacies_syllogisms_negation",  # 102, 2
+    "bigbench:movie_dialog_same_or_different",  # 105, 2
 ]
 METHODS = ["private", "mhr-z", "mhr-full", "mhr-mu", "polylib", "polylib-full", "lib-mu",
            "lorahub"]
@@ -166,42 +175,58 @@ def _in_processes(function, calls: list[tuple], workers: int) -> list:
 
 
 # ---------------------------------------------------------------------------- multi-task
-def evaluate_multi_task(run: Path, budget: dict, model_and_tokenizer) -> dict:
-    """The base model and each multi-task entry on the test splits of the training tasks,
-    with the entry's parameter count; cached per row."""
+def multi_task_job(run: Path, budget: dict, label: str) -> str:
+    """Score one row of the multi-task table on the test splits of the training tasks: the
+    base model (`base`) or a multi-task entry, with its parameter count (in this process)."""
     from quiver.evaluation import EvalConfig
     from quiver.library import Library
+    from quiver.models import load_base
     from quiver.recipes import evaluate_method
 
+    cache = _multi_task_cache(run, label)
+    if cache.exists():
+        return label
     tasks = TRAIN_TASKS[: budget["train_tasks"]]
-    reports = {}
-    base_cache = run / "eval" / "base-on-training-tasks.json"
-    if not base_cache.exists():
-        report = evaluate_method("base", tasks, None, BASE,
-                                 EvalConfig(split="test", limit=budget["limit"]),
+    evaluation = EvalConfig(split="test", limit=budget["limit"])
+    model_and_tokenizer = load_base(BASE, dtype=budget["dtype"])
+    if label == "base":
+        report = evaluate_method("base", tasks, None, BASE, evaluation,
                                  model_and_tokenizer=model_and_tokenizer, show_progress=False)
-        _write_json(base_cache, {**report, "label": "base", "kind": "-", "parameters": 0})
-    reports["base"] = json.loads(base_cache.read_text())
-    for label in MULTI_TASK:
-        cache = run / "eval" / f"multi-task-{_folder(label)}.json"
-        if not cache.exists():
-            library = Library(str(run / _folder(label)))
-            name = library.names()[0]
-            entry = library.get(name)
-            report = evaluate_method(f"expert:{name}", tasks, library.url, BASE,
-                                     EvalConfig(split="test", limit=budget["limit"]),
-                                     allow_seen=label == "shared LoRA",  # test split: unseen
-                                     model_and_tokenizer=model_and_tokenizer,
-                                     show_progress=False)
-            report.update(label=label, kind=entry.info.kind,
-                          parameters=sum(t.numel() for t in entry.weights.values()))
-            _write_json(cache, report)
-        reports[label] = json.loads(cache.read_text())
-        print(f"{label}: {reports[label]['average']['accuracy']:.1f}", flush=True)
+        report.update(label="base", kind="-", parameters=0)
+    else:
+        library = Library(str(run / _folder(label)))
+        entry = library.get(library.names()[0])
+        report = evaluate_method(f"expert:{entry.info.name}", tasks, library.url, BASE,
+                                 evaluation, allow_seen=label == "shared LoRA",  # test split
+                                 model_and_tokenizer=model_and_tokenizer, show_progress=False)
+        report.update(label=label, kind=entry.info.kind,
+                      parameters=sum(t.numel() for t in entry.weights.values()))
+    _write_json(cache, report)
+    return label
+
+
+def multi_task_reports(run: Path) -> dict:
+    """`{label: report}` of the multi-task rows scored so far, the base model first."""
+    reports = {}
+    for label in ["base", *MULTI_TASK]:
+        cache = _multi_task_cache(run, label)
+        if cache.exists():
+            reports[label] = json.loads(cache.read_text())
+            print(f"{label}: {reports[label]['average']['accuracy']:.1f}", flush=True)
     return reports
 
 
+def _multi_task_cache(run: Path, label: str) -> Path:
+    name = "base-on-training-tasks" if label == "base" else f"multi-task-{_folder(label)}"
+    return run / "eval" / f"{name}.json"
+
+
 # ------------------------------------------------------------------------------ few-shot
+def job(run: Path, budget: dict, kind: str, what: str) -> str:
+    """One job of a worker: a held-out task's adaptations or one multi-task row."""
+    return (few_shot_job if kind == "few-shot" else multi_task_job)(run, budget, what)
+
+
 def few_shot_job(run: Path, budget: dict, task: str) -> str:
     """Adapt to `task` with every method and N, and score each result, the base model and
     Arrow zero-shot on the task's test split (in this process, the model loaded once)."""
@@ -233,10 +258,17 @@ def few_shot_job(run: Path, budget: dict, task: str) -> str:
 
     score("base", "base", None, False)
     score("arrow", "arrow", experts_url, False)
+    searched: dict[int, str] = {}  # LoraHub: the shots a search ran on -> its entry
     for shots in budget["shots"]:
         steps = budget["fewshot_steps"][shots]
         for method in METHODS:
             name = f"{method}-{shots}"
+            if method == "lorahub":
+                used = min(shots, budget.get("lorahub_examples") or shots)
+                if used in searched:  # nested shots, the same cap: exactly the same search
+                    _same_as(folder, searched[used], name)
+                    continue
+                searched[used] = name
             if name not in Library(str(folder)):
                 source = "" if method == "private" else "mhr" if method.startswith(
                     "mhr") else experts_url
@@ -251,6 +283,12 @@ def few_shot_job(run: Path, budget: dict, task: str) -> str:
                       flush=True)
             score(name, f"expert:{name}", str(folder), True)  # test split: not among the shots
     return task
+
+
+def _same_as(folder: Path, done: str, label: str) -> None:
+    """Report `label` with the scores of `done`, the entry of the very same computation."""
+    report = json.loads((folder / "eval" / f"{done}.json").read_text())
+    _write_json(folder / "eval" / f"{label}.json", {**report, "label": label, "same_as": done})
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -276,15 +314,15 @@ def completed_tasks(reports: dict[str, dict], budget: dict) -> list[str]:
 
 def run_timings(run: Path) -> dict:
     """Wall time of the two phases, from the run folder's files (so that a resumed or stopped
-    run reports them too): sources from the first expert to the last multi-task report,
-    few-shot from there to the last few-shot report."""
+    run reports them too): sources from the first expert to the last multi-task entry stored,
+    then adapting and scoring to the last report."""
     def times(pattern: str) -> list[float]:
         return [p.stat().st_mtime for p in run.glob(pattern)]
 
     start = min(times("experts/**/*"))
-    sources = max(times("eval/multi-task-*.json"))
-    few_shot = max(times("few-shot/*/eval/*.json") or [sources])
-    return {"sources": sources - start, "few_shot": few_shot - sources}
+    sources = max(t for label in MULTI_TASK for t in times(f"{_folder(label)}/**/*"))
+    scored = max(times("few-shot/*/eval/*.json") + times("eval/*.json") or [sources])
+    return {"sources": sources - start, "few_shot": scored - sources}
 
 
 def summarise(reports: dict[str, dict], budget: dict, tasks: list[str]) -> dict:
@@ -338,8 +376,10 @@ def write(args, budget: dict, summary: dict, multi: dict, timings: dict,
         f"# Few-shot adaptation and multi-task adapters, budget `{args.budget}`", "",
         f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}; "
         f"{timings['sources'] / 60:.0f} min to train the sources, "
-        f"{timings['few_shot'] / 60:.0f} min to adapt and score (wall time from the run "
-        "folder's file times: the pauses of a run resumed in another session count too).", "",
+        f"{timings['few_shot'] / 60:.0f} min to adapt and score, "
+        f"{(timings['sources'] + timings['few_shot']) / 60:.0f} min in all (wall time from the "
+        "run folder's file times: the pauses of a run resumed in another session count too).",
+        "",
         f"SmolLM2-135M-Instruct ({budget['dtype']}). Training tasks ({len(train_tasks)}): "
         f"{', '.join(short)}.", "",
         "## Multi-task: jointly trained adapters, matched parameters", "",
@@ -443,18 +483,18 @@ def main() -> None:
         budget["dtype"] = fast_cpu_dtype()
     run = Path(args.run or f"runs/adaptation-{args.budget}").absolute()
 
-    from quiver.models import load_base
-
-    if not args.report_only:
-        build_sources(run, budget)
-    model_and_tokenizer = None if args.report_only else load_base(BASE, dtype=budget["dtype"])
-    multi = evaluate_multi_task(run, budget, model_and_tokenizer)
-    del model_and_tokenizer
     tasks = FEW_SHOT_TASKS[: budget["fewshot_tasks"]]
     if not args.report_only:
-        for task in _in_processes(few_shot_job, [(run, budget, t) for t in tasks],
+        build_sources(run, budget)
+        # the held-out tasks first, then the multi-task rows (short jobs that fill the tail)
+        jobs = [("few-shot", t) for t in tasks] + [("multi-task", label)
+                                                    for label in ["base", *MULTI_TASK]]
+        for done in _in_processes(job, [(run, budget, kind, what) for kind, what in jobs],
                                   budget["workers"]):
-            print(f"== done {task}", flush=True)
+            print(f"== done {done}", flush=True)
+    multi = multi_task_reports(run)
+    if len(multi) < 1 + len(MULTI_TASK):
+        raise SystemExit(f"the multi-task rows are not all scored yet in {run}")
     reports = few_shot_reports(run, budget)
     done = completed_tasks(reports, budget)
     if not done:
