@@ -20,7 +20,6 @@ evaluation: the resumed run produces the same weights as one that was never inte
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 import platform
 import time
@@ -47,7 +46,7 @@ from quiver.data.batching import (
 )
 from quiver.data.task import SplitConfig, Task
 from quiver.errors import QuiverError
-from quiver.library.expert import Expert, ExpertInfo
+from quiver.library.expert import Expert, ExpertInfo, peft_config_json
 from quiver.library.store import RunState
 from quiver.models import fingerprint
 
@@ -665,7 +664,8 @@ class _LoraAdapter:
         lora = {"r": self._config.rank, "lora_alpha": self._config.alpha,
                 "lora_dropout": self._config.dropout,
                 "target_modules": list(self._config.target_modules)}
-        return _adapter_config(self.peft_model, self._model), weights, lora
+        return (peft_config_json(self.peft_model.peft_config["default"],
+                                 self._model.config._name_or_path), weights, lora)
 
     def remove(self) -> None:
         self.peft_model.unload()
@@ -694,15 +694,6 @@ def _lora_weights(peft_model) -> dict[str, torch.Tensor]:
     return {
         k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(peft_model).items()
     }
-
-
-def _adapter_config(peft_model, model) -> dict:
-    raw = peft_model.peft_config["default"].to_dict()
-    raw["base_model_name_or_path"] = model.config._name_or_path
-    for key, value in raw.items():
-        if isinstance(value, set):
-            raw[key] = sorted(value)
-    return json.loads(json.dumps(raw, default=str))
 
 
 # --------------------------------------------------------------------- resume / save

@@ -28,7 +28,6 @@ each row (`ExpertInfo.tasks`, `lora["task_rows"]`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -45,6 +44,7 @@ from quiver.adapters.task_rows import (
     weights_by_module,
 )
 from quiver.errors import QuiverError
+from quiver.library.expert import check_fits_base_layer, peft_config_json
 
 KIND = "mtl-lora"
 PEFT_TYPE = "MTL_LORA"  # quiver's own: PEFT cannot load it (export a task with `task_lora`)
@@ -240,14 +240,11 @@ def _lora_config(config: dict) -> dict:
     """PEFT's LoraConfig with the entry's rank, alpha, dropout and target modules."""
     from peft import LoraConfig
 
-    raw = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"],
-                     lora_dropout=config["lora_dropout"],
-                     target_modules=list(config["target_modules"]), bias="none",
-                     task_type="CAUSAL_LM", inference_mode=True).to_dict()
-    raw["base_model_name_or_path"] = config.get("base_model_name_or_path")
-    raw = {k: sorted(v) if isinstance(v, set) else v for k, v in raw.items()
-           if k != "peft_version"}
-    return json.loads(json.dumps(raw, default=str))  # plain JSON values (no enums)
+    lora = LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"],
+                      lora_dropout=config["lora_dropout"],
+                      target_modules=list(config["target_modules"]), bias="none",
+                      task_type="CAUSAL_LM", inference_mode=True)
+    return peft_config_json(lora, config.get("base_model_name_or_path"))
 
 
 def check_mtl_lora_adapter(adapter_config: dict, weights: dict[str, torch.Tensor],
@@ -269,10 +266,4 @@ def check_mtl_lora_adapter(adapter_config: dict, weights: dict[str, torch.Tensor
                 or b.shape[0] != n or b.shape[2] != rank or tuple(mix.shape) != (tasks, n)):
             raise QuiverError(f"MTL-LoRA shapes at {module} do not match the config (r={rank}, "
                               f"tasks={tasks}, up_projections={n})")
-        if modules is None:
-            continue
-        if module not in modules:
-            raise QuiverError(f"the base model has no linear layer named {module}")
-        fan_in, fan_out = modules[module]
-        if a.shape[1] != fan_in or b.shape[1] != fan_out:
-            raise QuiverError(f"shape mismatch at {module}: base layer is {fan_in}->{fan_out}")
+        check_fits_base_layer(module, a.shape[1], b.shape[1], modules)

@@ -28,7 +28,6 @@ metadata names the task of each routing row (`ExpertInfo.tasks`, `lora["task_row
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from quiver.adapters.task_rows import (
     weights_by_module,
 )
 from quiver.errors import QuiverError
+from quiver.library.expert import check_fits_base_layer, peft_config_json
 
 KIND = "poly"
 STRATEGY_HEADS = {"poly": 1, "mhr": 64}  # H when not given: Poly has one head; MHR's code 64
@@ -186,11 +186,8 @@ class PolyAdapter(TaskRowAdapter):
         config = PolyConfig(r=self.lora["r"], n_tasks=len(self.task_names),
                             n_skills=self.config.skills, n_splits=self.config.heads,
                             target_modules=list(self.lora["target_modules"]),
-                            task_type="CAUSAL_LM", inference_mode=True).to_dict()
-        config["base_model_name_or_path"] = self.causal_lm.config._name_or_path
-        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()
-                  if k != "peft_version"}
-        return json.loads(json.dumps(config, default=str))  # plain JSON values (no enums)
+                            task_type="CAUSAL_LM", inference_mode=True)
+        return peft_config_json(config, self.causal_lm.config._name_or_path)
 
 
 def attach_poly(model: nn.Module, task_names: list[str], config: PolyMHRConfig, rank: int,
@@ -250,14 +247,10 @@ def check_poly_adapter(adapter_config: dict, weights: dict[str, torch.Tensor],
     for module, found in parts.items():
         if len(found) != 3:
             raise QuiverError(f"incomplete Poly weights for {module}: only {sorted(found)}")
-        fan_in, fan_out = (modules or {}).get(module, (None, None))
-        if modules is not None and fan_in is None:
-            raise QuiverError(f"the base model has no linear layer named {module}")
         a, b = found["poly_lora_A"], found["poly_lora_B"]
         logits = found["poly_router.module_logits"]
         if (a.shape[:2] != (heads, skills) or a.shape[3] != rank or b.shape[:3] !=
                 (heads, skills, rank) or tuple(logits.shape) != (tasks, heads * skills)):
             raise QuiverError(f"Poly shapes at {module} do not match the config (r={rank}, "
                               f"tasks={tasks}, skills={skills}, splits={heads})")
-        if fan_in is not None and (a.shape[2] * heads != fan_in or b.shape[3] * heads != fan_out):
-            raise QuiverError(f"shape mismatch at {module}: base layer is {fan_in}->{fan_out}")
+        check_fits_base_layer(module, a.shape[2] * heads, b.shape[3] * heads, modules)

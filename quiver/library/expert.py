@@ -212,13 +212,30 @@ def check_adapter(
             raise QuiverError(
                 f"target-module mismatch: {module} is adapted but not in target_modules {targets}"
             )
-        if modules is None:
-            continue
-        if module not in modules:
-            raise QuiverError(f"the base model has no linear layer named {module}")
-        fan_in, fan_out = modules[module]
-        if a.shape[1] != fan_in or b.shape[0] != fan_out:
-            raise QuiverError(
-                f"shape mismatch at {module}: base layer is {fan_in}->{fan_out}, adapter has "
-                f"A {tuple(a.shape)} and B {tuple(b.shape)} (an expert for another base model?)"
-            )
+        check_fits_base_layer(module, a.shape[1], b.shape[0], modules)
+
+
+def check_fits_base_layer(module: str, fan_in: int, fan_out: int,
+                          modules: dict[str, list[int]] | None) -> None:
+    """Raise unless the base model has a linear layer `module` of `fan_in` -> `fan_out`.
+
+    Args:
+        modules: `{module name: [in, out]}` of the base model, or None to skip the check.
+    """
+    if modules is None:
+        return
+    if module not in modules:
+        raise QuiverError(f"the base model has no linear layer named {module}")
+    base_in, base_out = modules[module]
+    if (fan_in, fan_out) != (base_in, base_out):
+        raise QuiverError(f"shape mismatch at {module}: base layer is {base_in}->{base_out}, the "
+                          f"adapter's {fan_in}->{fan_out} (an expert for another base model?)")
+
+
+def peft_config_json(config, base_model: str | None) -> dict:
+    """A PEFT config (`LoraConfig`, `PolyConfig`, ...) as `adapter_config.json` holds it:
+    plain JSON values (sets sorted, enums as their values) and the base model's name."""
+    raw = config.to_dict()
+    raw["base_model_name_or_path"] = base_model
+    raw = {k: sorted(v) if isinstance(v, set) else v for k, v in raw.items()}
+    return json.loads(json.dumps(raw, default=str))
