@@ -174,6 +174,22 @@ def check_an_interrupted_build_resumes(tiny, folder, monkeypatch, strategy, spec
         torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)
 
 
+def train_jointly(tiny, kind: str, spec, layer_class) -> object:
+    """Train a multi-task adapter of `kind` on two toy tasks (QUICK) and check that the model
+    is left as found: weights, requires_grad, no `layer_class` layer, no task routing."""
+    model, tokenizer = tiny
+    before, flags = fingerprint(model), [p.requires_grad for p in model.parameters()]
+    tasks = [make_task("toy:a"), make_task("toy:b")]
+    expert, result = train_expert(model, tokenizer, tasks, kind, QUICK, adapter=spec,
+                                  show_progress=False)
+    assert result.steps == QUICK.steps and len(result.history) == 2
+    assert fingerprint(model) == before and not any(
+        isinstance(m, layer_class) for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert getattr(model, "quiver_task_routing", None) is None
+    return expert
+
+
 def check_an_interrupted_training_resumes(tiny, folder, monkeypatch, spec, other_spec,
                                           layer_type, steps: int, eval_every: int,
                                           crash: int) -> None:
