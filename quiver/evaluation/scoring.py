@@ -66,7 +66,8 @@ def score_choices_batch(model, tokenizer: PreTrainedTokenizerBase,
         prompt_ids[row, width - len(ids) :] = torch.tensor(ids)
         prompt_mask[row, width - len(ids) :] = 1
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
-                position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0))
+                position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+                logits_to_keep=1)  # only the last position's: the vocabulary head is costly
     first = torch.log_softmax(out.logits[:, -1].float(), -1)  # (B, vocab): option token 0
 
     owner = [b for b, opts in enumerate(options) for _ in opts]  # example of each option row
