@@ -79,19 +79,23 @@ BUDGETS = {
     "smoke": {"train_tasks": 2, "fewshot_tasks": 2, "shots": [16], "rank": 4, "skills": 2,
               "heads": 4, "mtl_rank": 4, "private_steps": 4, "joint_steps": 6,
               "fewshot_steps": {16: 3}, "batch": 4, "fewshot_batch": 4, "max_length": 128,
-              "lr": 1e-3, "fewshot_lr": 1e-3, "lorahub_budget": 5, "limit": 10,
-              "dtype": "fast", "workers": 2},
-    # small: the CPU budget (2 cores, about 90 minutes)
+              "lr": 1e-3, "fewshot_lr": 1e-3, "fewshot_dropout": 0.0, "lorahub_budget": 5,
+              "limit": 10, "dtype": "fast", "workers": 2},
+    # small: the CPU budget (2 cores, at most 90 minutes). Its few-shot trainings run without
+    # LoRA dropout: the masks cost 15-20% of a few-shot step on a CPU (profiled), time that
+    # small needs to finish in 90 minutes; the sources keep the default 0.05
     "small": {"train_tasks": 6, "fewshot_tasks": 8, "shots": [16, 64, 256], "rank": 4,
               "skills": 4, "heads": 8, "mtl_rank": 8, "private_steps": 40, "joint_steps": 100,
               "fewshot_steps": {16: 10, 64: 16, 256: 24}, "batch": 8, "fewshot_batch": 4,
-              "max_length": 256, "lr": 5e-4, "fewshot_lr": 1e-3, "lorahub_budget": 20,
-              "lorahub_examples": 64, "limit": 50, "dtype": "fast", "workers": 2},
+              "max_length": 256, "lr": 5e-4, "fewshot_lr": 1e-3, "fewshot_dropout": 0.0,
+              "lorahub_budget": 20, "lorahub_examples": 32, "limit": 50, "dtype": "fast",
+              "workers": 2},
     "full": {"train_tasks": 20, "fewshot_tasks": 12, "shots": [16, 64, 256], "rank": 4,
              "skills": 8, "heads": 64, "mtl_rank": 16, "private_steps": 200,
              "joint_steps": 2000, "fewshot_steps": {16: 100, 64: 200, 256: 400}, "batch": 16,
              "fewshot_batch": 8, "max_length": 512, "lr": 5e-4, "fewshot_lr": 1e-3,
-             "lorahub_budget": 40, "limit": 250, "dtype": "auto", "workers": 1},
+             "fewshot_dropout": 0.05, "lorahub_budget": 40, "limit": 250, "dtype": "auto",
+             "workers": 1},
 }
 
 
@@ -105,7 +109,8 @@ def train_config(budget: dict, steps: int, rank: int | None = None, few_shot: bo
     return TrainConfig(steps=steps, rank=rank, alpha=4.0 * rank, max_length=budget["max_length"],
                        batch_size=budget["fewshot_batch" if few_shot else "batch"],
                        lr=budget["fewshot_lr" if few_shot else "lr"], eval_every=steps,
-                       eval_examples=16 if few_shot else 32)
+                       eval_examples=16 if few_shot else 32,
+                       dropout=budget["fewshot_dropout"] if few_shot else 0.05)
 
 
 def build_sources(run: Path, budget: dict) -> None:
@@ -113,7 +118,7 @@ def build_sources(run: Path, budget: dict) -> None:
     once (the joint ones in processes of their own, one thread each)."""
     from quiver.build import BuildConfig, build_library
 
-    tasks = TRAIN_TASKS[: budget["train_tasks"]]
+    tasks = longest_first(TRAIN_TASKS[: budget["train_tasks"]])  # a long one last runs alone
     print("== private experts of the training tasks", flush=True)
     report = build_library(tasks, str(run / "experts"), BASE,
                            train_config(budget, budget["private_steps"]),
@@ -125,6 +130,18 @@ def build_sources(run: Path, budget: dict) -> None:
     print(f"== multi-task entries: {', '.join(jobs) or 'all built'}", flush=True)
     _in_processes(_build_multi_task, [(run, budget, label) for label in jobs],
                   budget["workers"])
+
+
+def longest_first(tasks: list[str]) -> list[str]:
+    """`tasks` by the mean length of their first 200 examples (prompt and target, characters),
+    longest first: a training's time grows with it."""
+    from quiver.data import load_task
+
+    def length(name: str) -> float:
+        examples = load_task(name).examples[:200]
+        return sum(len(e.prompt) + len(e.target) for e in examples) / len(examples)
+
+    return sorted(tasks, key=length, reverse=True)
 
 
 def _folder(label: str) -> str:
@@ -408,7 +425,8 @@ def write(args, budget: dict, summary: dict, multi: dict, timings: dict,
         f"Held-out tasks ({len(few_tasks)}, in no training list): "
         f"{', '.join(t.removeprefix('bigbench:') for t in few_tasks)}. N examples of each "
         f"task's training split (seed 0); training steps {steps} (batch "
-        f"{budget['fewshot_batch']}, lr {budget['fewshot_lr']:g}, routing lr 0.1) for every "
+        f"{budget['fewshot_batch']}, lr {budget['fewshot_lr']:g}, routing lr 0.1, LoRA dropout "
+        f"{budget['fewshot_dropout']:g}) for every "
         f"method; LoraHub: {budget['lorahub_budget']} loss evaluations, L1 0.05"
         f"{lorahub_examples}. Sources: "
         f"the MHR entry above (mhr-*) and the library of {len(train_tasks)} private LoRA "
