@@ -53,22 +53,22 @@ from zero_shot import (  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 BASE = "smollm2-135m"
 # Held out: the BIG-bench multiple-choice tasks in no training list with at least 400 examples
-# and at most 5 options, by mean prompt length (SmolLM2 tokens, first 200 examples): the
-# shortest eight first (a few-shot job's time grows with it: 8 min for strategyqa's 20
-# tokens, 28 for bbq_lite_json's 65, 35 for the 100 of formal_fallacies and
-# logical_deduction, 2-core AMD EPYC), then the next four for `full`. Within a budget's
-# tasks the longest comes first, so that the last jobs of the pool are short.
+# and at most 5 options, by mean prompt length (SmolLM2 tokens, first 200 examples), shortest
+# first: a budget takes the first `fewshot_tasks` (a few-shot job's time grows with the
+# prompt: 8 min for strategyqa's 20 tokens, 28 for bbq_lite_json's 65, 35 for the 100 of
+# formal_fallacies and logical_deduction, 2-core AMD EPYC). multiemo (75 tokens) is left out
+# for its 1.4 million examples.
 FEW_SHOT_TASKS = [
-    "bigbench:bbq_lite_json",  # 65 tokens, 3 options
-    "bigbench:winowhy",  # 59, 2
-    "bigbench:movie_recommendation",  # 58, 4
-    "bigbench:ruin_names",  # 56, 4
-    "bigbench:navigate",  # 49, 2
-    "bigbench:sports_understanding",  # 37, 2
+    "bigbench:strategyqa",  # 20 tokens, 2 options
     "bigbench:hyperbaton",  # 35, 2
-    "bigbench:strategyqa",  # 20, 2
-    "bigbench:social_support",  # 78, 3 (full; multiemo, 75 tokens, is left out for its
-    "bigbench:logical_deduction",  # 100, 5     1.4 million examples)
+    "bigbench:sports_understanding",  # 37, 2
+    "bigbench:navigate",  # 49, 2
+    "bigbench:ruin_names",  # 56, 4
+    "bigbench:movie_recommendation",  # 58, 4
+    "bigbench:winowhy",  # 59, 2
+    "bigbench:bbq_lite_json",  # 65, 3
+    "bigbench:social_support",  # 78, 3 (full only from here)
+    "bigbench:logical_deduction",  # 100, 5
     "bigbench:formal_fallacies_syllogisms_negation",  # 102, 2
     "bigbench:movie_dialog_same_or_different",  # 105, 2
 ]
@@ -118,7 +118,7 @@ def build_sources(run: Path, budget: dict) -> None:
     once (the joint ones in processes of their own, one thread each)."""
     from quiver.build import BuildConfig, build_library
 
-    tasks = longest_first(TRAIN_TASKS[: budget["train_tasks"]])  # a long one last runs alone
+    tasks = longest_first(TRAIN_TASKS[: budget["train_tasks"]])
     print("== private experts of the training tasks", flush=True)
     report = build_library(tasks, str(run / "experts"), BASE,
                            train_config(budget, budget["private_steps"]),
@@ -134,7 +134,7 @@ def build_sources(run: Path, budget: dict) -> None:
 
 def longest_first(tasks: list[str]) -> list[str]:
     """`tasks` by the mean length of their first 200 examples (prompt and target, characters),
-    longest first: a training's time grows with it."""
+    longest first: a job's time grows with it, and a long job started last runs alone."""
     from quiver.data import load_task
 
     def length(name: str) -> float:
@@ -504,8 +504,9 @@ def main() -> None:
     tasks = FEW_SHOT_TASKS[: budget["fewshot_tasks"]]
     if not args.report_only:
         build_sources(run, budget)
-        # the held-out tasks first, then the multi-task rows (short jobs that fill the tail)
-        jobs = [("few-shot", t) for t in tasks] + [("multi-task", label)
+        # the held-out tasks, longest first, then the multi-task rows (short jobs that fill
+        # the tail)
+        jobs = [("few-shot", t) for t in longest_first(tasks)] + [("multi-task", label)
                                                     for label in ["base", *MULTI_TASK]]
         for done in _in_processes(job, [(run, budget, kind, what) for kind, what in jobs],
                                   budget["workers"]):
