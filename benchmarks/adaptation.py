@@ -122,7 +122,7 @@ def build_sources(run: Path, budget: dict) -> None:
     once (the joint ones in processes of their own, one thread each)."""
     from quiver.build import BuildConfig, build_library
 
-    tasks = longest_first(TRAIN_TASKS[: budget["train_tasks"]])
+    tasks = TRAIN_TASKS[: budget["train_tasks"]]  # built longest first by quiver build
     print("== private experts of the training tasks", flush=True)
     report = build_library(tasks, str(run / "experts"), BASE,
                            train_config(budget, budget["private_steps"]),
@@ -137,15 +137,12 @@ def build_sources(run: Path, budget: dict) -> None:
 
 
 def longest_first(tasks: list[str]) -> list[str]:
-    """`tasks` by the mean length of their first 200 examples (prompt and target, characters),
-    longest first: a job's time grows with it, and a long job started last runs alone."""
-    from quiver.data import load_task
+    """`tasks` by the mean length of their first 200 examples, longest first: a job's time
+    grows with it, and a long job started last runs alone (as `quiver build` orders its
+    parallel jobs)."""
+    from quiver.build import mean_example_chars
 
-    def length(name: str) -> float:
-        examples = load_task(name).examples[:200]
-        return sum(len(e.prompt) + len(e.target) for e in examples) / len(examples)
-
-    return sorted(tasks, key=length, reverse=True)
+    return sorted(tasks, key=mean_example_chars, reverse=True)
 
 
 def _folder(label: str) -> str:

@@ -489,6 +489,8 @@ def run_jobs(
         if config.executor == "local":
             workers, threads = local_workers(config, len(pending), dtype)
             config = replace(config, workers=workers, cpus_per_job=threads)
+        if config.executor == "ray" or config.workers > 1:
+            pending = longest_first(pending)
         run = _run_on_ray if config.executor == "ray" else (
             _run_in_processes if config.workers > 1 else _run_locally)
         with jobs_progress(len(pending), f"{config.executor} build", show_progress) as advance:
@@ -496,6 +498,28 @@ def run_jobs(
                 outcomes[outcome.name] = outcome
                 advance(f"{outcome.name} {outcome.status}")
     return [outcomes[job.name] for job in jobs]
+
+
+def longest_first(jobs: list[Job]) -> list[Job]:
+    """`jobs` by the mean length of their tasks' examples, longest first.
+
+    With several trainings at once, a long job started last runs alone while the other
+    workers idle; starting the longest first (LPT scheduling) keeps them busy to the end. The
+    jobs of one build take the same steps, so a job's time grows with its examples' length.
+    """
+    lengths = {task: mean_example_chars(task) for job in jobs for task in job.tasks}
+    return sorted(jobs, key=lambda job: sum(lengths[t] for t in job.tasks) / len(job.tasks),
+                  reverse=True)
+
+
+def mean_example_chars(task_name: str, sample: int = 200) -> float:
+    """Mean characters (prompt and target) of the task's first `sample` examples; 0 for a task
+    that cannot be read now (its job will say why)."""
+    try:
+        examples = load_task(task_name).examples[:sample]
+    except QuiverError:
+        return 0.0
+    return sum(len(e.prompt) + len(e.target) for e in examples) / len(examples)
 
 
 def train_job(

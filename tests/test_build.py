@@ -16,9 +16,11 @@ import quiver.library.store as store
 import quiver.training as training
 from quiver.build import (
     BuildConfig,
+    Job,
     build_library,
     check_tasks,
     expert_name,
+    longest_first,
     private_jobs,
     random_clusters,
     run_jobs,
@@ -381,6 +383,19 @@ def test_local_workers_train_in_parallel_processes_like_one_after_another(tmp_pa
     for name in ("copy", "upper", "reverse"):
         a, b = Library(one).get(name).weights, Library(two).get(name).weights
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_parallel_builds_start_the_jobs_with_the_longest_examples_first(tmp_path):
+    short = write_task(tmp_path / "short.jsonl", "first")
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": "word " * 40 + f"{i}\nAnswer:",
+                                        "target": " word"}) + "\n" for i in range(8)))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")  # unreadable now: ordered last, its job says why
+    jobs = private_jobs([short, f"jsonl:{broken}", f"jsonl:{long}"])
+    assert [job.name for job in longest_first(jobs)] == ["long", "short", "broken"]
+    clusters = [Job("a", (short, f"jsonl:{long}")), Job("b", (short,))]  # a task mix: its mean
+    assert [job.name for job in longest_first(clusters)] == ["a", "b"]
 
 
 def test_building_sits_below_recipes_and_reports_data_flows_one_way():
