@@ -80,7 +80,7 @@ BUDGETS = {
               "heads": 4, "mtl_rank": 4, "private_steps": 4, "joint_steps": 6,
               "fewshot_steps": {16: 3}, "batch": 4, "fewshot_batch": 4, "max_length": 128,
               "lr": 1e-3, "fewshot_lr": 1e-3, "fewshot_dropout": 0.0, "lorahub_budget": 5,
-              "limit": 10, "dtype": "fast", "workers": 2},
+              "limit": 10, "dtype": "fast", "fewshot_valid": 16, "workers": 2},
     # small: the CPU budget (2 cores, at most 90 minutes). Its few-shot trainings run without
     # LoRA dropout: the masks cost 15-20% of a few-shot step on a CPU (profiled), time that
     # small needs to finish in 90 minutes; the sources keep the default 0.05. LoraHub searches
@@ -99,7 +99,7 @@ BUDGETS = {
              "joint_steps": 2000, "fewshot_steps": {16: 100, 64: 200, 256: 400}, "batch": 16,
              "fewshot_batch": 8, "max_length": 512, "lr": 5e-4, "fewshot_lr": 1e-3,
              "fewshot_dropout": 0.05, "lorahub_budget": 40, "limit": 250, "dtype": "auto",
-             "workers": 1},
+             "fewshot_valid": 16, "workers": 1},
 }
 
 
@@ -113,7 +113,7 @@ def train_config(budget: dict, steps: int, rank: int | None = None, few_shot: bo
     return TrainConfig(steps=steps, rank=rank, alpha=4.0 * rank, max_length=budget["max_length"],
                        batch_size=budget["fewshot_batch" if few_shot else "batch"],
                        lr=budget["fewshot_lr" if few_shot else "lr"], eval_every=steps,
-                       eval_examples=budget.get("fewshot_valid", 16) if few_shot else 32,
+                       eval_examples=budget["fewshot_valid"] if few_shot else 32,
                        dropout=budget["fewshot_dropout"] if few_shot else 0.05)
 
 
@@ -134,15 +134,6 @@ def build_sources(run: Path, budget: dict) -> None:
     print(f"== multi-task entries: {', '.join(jobs) or 'all built'}", flush=True)
     _in_processes(_build_multi_task, [(run, budget, label) for label in jobs],
                   budget["workers"])
-
-
-def longest_first(tasks: list[str]) -> list[str]:
-    """`tasks` by the mean length of their first 200 examples, longest first: a job's time
-    grows with it, and a long job started last runs alone (as `quiver build` orders its
-    parallel jobs)."""
-    from quiver.build import mean_example_chars
-
-    return sorted(tasks, key=mean_example_chars, reverse=True)
 
 
 def _folder(label: str) -> str:
@@ -490,6 +481,8 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def main() -> None:
+    from quiver.build import mean_example_chars
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
     parser.add_argument("--run", help="run folder (default runs/adaptation-<budget>)")
@@ -505,10 +498,11 @@ def main() -> None:
     tasks = FEW_SHOT_TASKS[: budget["fewshot_tasks"]]
     if not args.report_only:
         build_sources(run, budget)
-        # the held-out tasks, longest first, then the multi-task rows (short jobs that fill
-        # the tail)
-        jobs = [("few-shot", t) for t in longest_first(tasks)] + [("multi-task", label)
-                                                    for label in ["base", *MULTI_TASK]]
+        # the held-out tasks, longest examples first (a long job started last would run
+        # alone, as in `quiver build`), then the multi-task rows (short jobs that fill the tail)
+        longest_first = sorted(tasks, key=mean_example_chars, reverse=True)
+        jobs = [("few-shot", t) for t in longest_first] + [("multi-task", label)
+                                                           for label in ["base", *MULTI_TASK]]
         for done in _in_processes(job, [(run, budget, kind, what) for kind, what in jobs],
                                   budget["workers"]):
             print(f"== done {done}", flush=True)

@@ -23,6 +23,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from quiver.adapters import (
     AdapterConfig,
@@ -32,7 +33,7 @@ from quiver.adapters import (
     adapter_to_dict,
 )
 from quiver.config import from_dict, to_dict
-from quiver.data import load_task
+from quiver.data import Example, load_task
 from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo, Library
 from quiver.library.store import check_name
@@ -160,22 +161,24 @@ def build_library(
     Raises:
         QuiverError: bad input, found before anything is written.
     """
-    tasks = check_tasks(task_names)
+    example_chars = check_tasks(task_names)  # read once: checked and measured
+    tasks = list(example_chars)
     _check_library(library_url, base)
+    run = partial(run_jobs, library_url=library_url, base=base, train_config=train_config,
+                  config=config, dtype=dtype, show_progress=show_progress,
+                  example_chars=example_chars)
     if config.strategy in ADAPTER_STRATEGIES:
         spec = adapter_for_strategy(config.strategy, [adapter] if adapter else [])
         if isinstance(spec, PolyMHRConfig):
             check_heads(_base_shapes(library_url, base), spec.heads, train_config.target_modules)
         jobs = [Job(config.strategy, tuple(tasks), adapter_to_dict(spec))]
         check_jobs(jobs, library_url)
-        outcomes = run_jobs(jobs, library_url, base, train_config, config, dtype, show_progress)
-        return BuildReport(library_url, config.strategy, outcomes)
+        return BuildReport(library_url, config.strategy, run(jobs))
     if config.strategy in ("private", "shared"):
         jobs = private_jobs(tasks) if config.strategy == "private" else [
             Job(config.shared_name, tuple(tasks))]
         check_jobs(jobs, library_url)
-        outcomes = run_jobs(jobs, library_url, base, train_config, config, dtype, show_progress)
-        return BuildReport(library_url, config.strategy, outcomes)
+        return BuildReport(library_url, config.strategy, run(jobs))
 
     if private_url is None:
         raise QuiverError(f"strategy {config.strategy} needs a private library (--private)")
@@ -188,7 +191,7 @@ def build_library(
     missing = private_jobs([t for t in tasks if t not in found])
     check_jobs(missing, private_url)
 
-    private = run_jobs(missing, private_url, base, train_config, config, dtype, show_progress)
+    private = run(missing, library_url=private_url)
     report = BuildReport(library_url, config.strategy, [], private=private)
     if report.failed:
         return report  # clustering needs every private expert
@@ -206,8 +209,7 @@ def build_library(
                 tasks={job.name: list(job.tasks) for job in jobs})
     _record_clusters(library_url, CLUSTER_RECORDS[config.strategy], clusters, meta)
     report.clusters = clusters
-    report.outcomes = run_jobs(jobs, library_url, base, train_config, config, dtype,
-                               show_progress)
+    report.outcomes = run(jobs)
     return report
 
 
@@ -252,9 +254,10 @@ def train_into_library(
 
 
 # ----------------------------------------------------------------------------- checking
-def check_tasks(task_names: list[str]) -> list[str]:
-    """The tasks' canonical names (`bigbench:...`), once each is known to exist and have
-    examples.
+def check_tasks(task_names: list[str]) -> dict[str, float]:
+    """The tasks' canonical names (`bigbench:...`), in the order given, once each is known to
+    exist and have examples, each with the mean length of its examples (`example_chars`,
+    taken here so that ordering parallel jobs by it does not read the tasks again).
 
     Raises:
         QuiverError: no tasks, an unknown or empty task, or a task listed twice (under any
@@ -263,13 +266,15 @@ def check_tasks(task_names: list[str]) -> list[str]:
     if not task_names:
         raise QuiverError("no tasks to build from")
     first_spelling: dict[str, str] = {}
+    chars: dict[str, float] = {}
     for given in task_names:
         task = load_task(given)  # raises for unknown and empty tasks
         if task.name in first_spelling:
             raise QuiverError(f"task {task.name!r} is listed twice "
                               f"(as {first_spelling[task.name]!r} and {given!r})")
         first_spelling[task.name] = given
-    return list(first_spelling)
+        chars[task.name] = example_chars(task.examples)
+    return chars
 
 
 def check_jobs(jobs: list[Job], library_url: str) -> None:
@@ -468,6 +473,7 @@ def run_jobs(
     config: BuildConfig,
     dtype: str = "auto",
     show_progress: bool = True,
+    example_chars: dict[str, float] | None = None,
 ) -> list[JobOutcome]:
     """Train the jobs' experts into the library, skipping those already there.
 
@@ -476,7 +482,9 @@ def run_jobs(
     process of its own with `config.cpus_per_job` threads (on a GPU, the processes share
     it); `ray` makes each job a Ray task that loads the base model itself
     (`config.cpus_per_job`, `config.gpus_per_job`) on a local Ray or `config.address`. A job
-    that fails is tried again `config.retries` times, then reported as failed.
+    that fails is tried again `config.retries` times, then reported as failed. Several at
+    once start longest first (`longest_first`, with the tasks' `example_chars` where
+    `check_tasks` measured them).
     """
     from quiver.progress import jobs_progress
 
@@ -490,7 +498,7 @@ def run_jobs(
             workers, threads = local_workers(config, len(pending), dtype)
             config = replace(config, workers=workers, cpus_per_job=threads)
         if config.executor == "ray" or config.workers > 1:
-            pending = longest_first(pending)
+            pending = longest_first(pending, example_chars)
         run = _run_on_ray if config.executor == "ray" else (
             _run_in_processes if config.workers > 1 else _run_locally)
         with jobs_progress(len(pending), f"{config.executor} build", show_progress) as advance:
@@ -500,25 +508,34 @@ def run_jobs(
     return [outcomes[job.name] for job in jobs]
 
 
-def longest_first(jobs: list[Job]) -> list[Job]:
-    """`jobs` by the mean length of their tasks' examples, longest first.
+def longest_first(jobs: list[Job], example_chars: dict[str, float] | None = None) -> list[Job]:
+    """`jobs` by the mean length of their tasks' examples, longest first (`example_chars`
+    where given, else each task is read to measure it).
 
     With several trainings at once, a long job started last runs alone while the other
     workers idle; starting the longest first (LPT scheduling) keeps them busy to the end. The
     jobs of one build take the same steps, so a job's time grows with its examples' length.
     """
-    lengths = {task: mean_example_chars(task) for job in jobs for task in job.tasks}
+    lengths = dict(example_chars or {})
+    for task in {task for job in jobs for task in job.tasks} - lengths.keys():
+        lengths[task] = mean_example_chars(task)
     return sorted(jobs, key=lambda job: sum(lengths[t] for t in job.tasks) / len(job.tasks),
                   reverse=True)
 
 
-def mean_example_chars(task_name: str, sample: int = 200) -> float:
-    """Mean characters (prompt and target) of the task's first `sample` examples; 0 for a task
-    that cannot be read now (its job will say why)."""
+def mean_example_chars(task_name: str) -> float:
+    """`example_chars` of the task's examples; 0 for a task that cannot be read now (its job
+    will say why)."""
     try:
-        examples = load_task(task_name).examples[:sample]
+        return example_chars(load_task(task_name).examples)
     except QuiverError:
         return 0.0
+
+
+def example_chars(examples: list[Example], sample: int = 200) -> float:
+    """Mean characters (prompt and target) of the first `sample` examples: a training step's
+    time grows with them."""
+    examples = examples[:sample]
     return sum(len(e.prompt) + len(e.target) for e in examples) / len(examples)
 
 

@@ -337,7 +337,7 @@ def test_ray_build_from_the_command_line_lands_every_expert(ray_cluster, tmp_pat
 def test_ray_failed_job_is_retried_once_then_reported(ray_cluster, tmp_path):
     tasks = some_tasks(tmp_path / "tasks")
     lib = str(tmp_path / "lib")
-    jobs = private_jobs(check_tasks(tasks))  # validated...
+    jobs = private_jobs(list(check_tasks(tasks)))  # validated...
     path = Path(tasks[1].removeprefix("jsonl:"))
     good = path.read_text()
     path.write_text(good + "{not json\n")  # ...then the data changes under the build
@@ -396,6 +396,11 @@ def test_parallel_builds_start_the_jobs_with_the_longest_examples_first(tmp_path
     assert [job.name for job in longest_first(jobs)] == ["long", "short", "broken"]
     clusters = [Job("a", (short, f"jsonl:{long}")), Job("b", (short,))]  # a task mix: its mean
     assert [job.name for job in longest_first(clusters)] == ["a", "b"]
+    # the lengths check_tasks measured are used as they are: the tasks are not read again
+    measured = check_tasks([short, f"jsonl:{long}"])
+    long.unlink()
+    assert [job.name for job in longest_first(private_jobs(list(measured)), measured)] == [
+        "long", "short"]
 
 
 def test_building_sits_below_recipes_and_reports_data_flows_one_way():
