@@ -161,12 +161,12 @@ def build_library(
     Raises:
         QuiverError: bad input, found before anything is written.
     """
-    example_chars = check_tasks(task_names)  # read once: checked and measured
-    tasks = list(example_chars)
+    task_chars = check_tasks(task_names)  # read once: checked and measured
+    tasks = list(task_chars)
     _check_library(library_url, base)
     run = partial(run_jobs, library_url=library_url, base=base, train_config=train_config,
                   config=config, dtype=dtype, show_progress=show_progress,
-                  example_chars=example_chars)
+                  example_chars=task_chars)
     if config.strategy in ADAPTER_STRATEGIES:
         spec = adapter_for_strategy(config.strategy, [adapter] if adapter else [])
         if isinstance(spec, PolyMHRConfig):
