@@ -33,8 +33,6 @@ import json
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -178,11 +176,12 @@ def _build_multi_task(run: Path, budget: dict, label: str) -> str:
 
 def _in_processes(function, calls: list[tuple], workers: int) -> list:
     """`function(*call)` for each call, `workers` at once in spawned one-thread processes
-    (in this process when workers is 1)."""
+    (in this process when workers is 1) that stop with this one."""
+    from quiver.workers import spawn_pool
+
     if workers <= 1 or len(calls) <= 1:
         return [function(*call) for call in calls]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with spawn_pool(workers, threads=1) as pool:
         return list(pool.map(function, *zip(*calls, strict=True)))
 
 

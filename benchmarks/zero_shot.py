@@ -222,15 +222,13 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
 def evaluate_all(run: Path, budget: dict, specs: list[dict], model_and_tokenizer) -> list[dict]:
     """Every method's report (cached in the run folder as it finishes). With `eval_workers`
     in the budget, methods are evaluated that many at once, each in a process of its own."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
+    from quiver.workers import spawn_pool
 
     missing = [spec for spec in specs if not _cache(run, spec).exists()]
     workers = budget.get("eval_workers", 1)
     if workers > 1 and len(missing) > 1:
         threads = max(1, int(budget.get("cpus_per_job", 1)))  # workers x threads = cores
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        with spawn_pool(workers, threads) as pool:
             for label in pool.map(evaluate_one, [run] * len(missing), [budget] * len(missing),
                                   missing):
                 print(f"== evaluated {label}", flush=True)

@@ -618,17 +618,17 @@ def _run_locally(pending, library_url, base, train_config, config, dtype) -> Ite
 def _run_in_processes(pending, library_url, base, train_config, config,
                       dtype) -> Iterator[JobOutcome]:
     """`config.workers` jobs at once, each in a fresh spawned process (CUDA cannot fork) that
-    loads the base model itself. A worker that dies takes its pool with it: the jobs that
-    were running count one failed try each and go to a new pool."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    loads the base model itself and stops with this one. A worker that dies takes its pool
+    with it: the jobs that were running count one failed try each and go to a new pool."""
+    from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    context = multiprocessing.get_context("spawn")
+    from quiver.workers import spawn_pool
+
     errors: dict[str, list[str]] = {job.name: [] for job in pending}
     queue = list(pending)
     while queue:
-        with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+        with spawn_pool(config.workers) as pool:
 
             def submit(job: Job):
                 return pool.submit(_process_train_job, job.name, list(job.tasks), library_url,
