@@ -85,15 +85,17 @@ BUDGETS = {
     # on 16 shots (its paper uses 5), so once per task: a second search on 32 shots for N >= 64
     # took 8.7 of the 182 worker-minutes of a 91-minute run (2-core EPYC, 2026-11-30). The
     # few-shot validation loss (reported, not used: one validation, after the last step) is
-    # taken on 8 examples. With those two cuts the next uninterrupted run took 93.5 minutes
-    # (sources 30, pool 63: the shared machine's noise is a few minutes either way), so the
-    # private experts train 32 steps (40 before), the joint entries 80 (100) and the N = 256
-    # adaptations 20 (24): about 9 minutes less, by that run's per-phase times
+    # taken on 8 examples. Timed runs: 91 and 93.5 minutes on a 2-core AMD EPYC (2026-11-30);
+    # then, on a 2-core Xeon (AVX-512 BF16, 2.3 GHz: about 1.5x slower at these trainings), a
+    # run with 32/80/20 steps was on its way to some 108 (sources 33, a held-out task 22-26
+    # worker-minutes). The sessions' machines vary, so small is cut to fit the slower one: private
+    # experts 24 steps, joint entries 48, adaptations 8/12/16 steps, LoraHub 12 evaluations, 40
+    # test examples per task (by the Xeon run's per-phase times about 80 minutes there)
     "small": {"train_tasks": 6, "fewshot_tasks": 8, "shots": [16, 64, 256], "rank": 4,
-              "skills": 4, "heads": 8, "mtl_rank": 8, "private_steps": 32, "joint_steps": 80,
-              "fewshot_steps": {16: 10, 64: 16, 256: 20}, "batch": 8, "fewshot_batch": 4,
+              "skills": 4, "heads": 8, "mtl_rank": 8, "private_steps": 24, "joint_steps": 48,
+              "fewshot_steps": {16: 8, 64: 12, 256: 16}, "batch": 8, "fewshot_batch": 4,
               "max_length": 256, "lr": 5e-4, "fewshot_lr": 1e-3, "fewshot_dropout": 0.0,
-              "lorahub_budget": 20, "lorahub_examples": 16, "limit": 50, "dtype": "fast",
+              "lorahub_budget": 12, "lorahub_examples": 16, "limit": 40, "dtype": "fast",
               "fewshot_valid": 8, "workers": 2},
     "full": {"train_tasks": 20, "fewshot_tasks": 12, "shots": [16, 64, 256], "rank": 4,
              "skills": 8, "heads": 64, "mtl_rank": 16, "private_steps": 200,
