@@ -88,14 +88,16 @@ BUDGETS = {
     # taken on 8 examples. Timed runs: 91 and 93.5 minutes on a 2-core AMD EPYC (2026-11-30);
     # then, on a 2-core Xeon (AVX-512 BF16, 2.3 GHz: about 1.5x slower at these trainings), a
     # run with 32/80/20 steps was on its way to some 108 (sources 33, a held-out task 22-26
-    # worker-minutes). The sessions' machines vary, so small is cut to fit the slower one: private
-    # experts 24 steps, joint entries 48, adaptations 8/12/16 steps, LoraHub 12 evaluations, 40
-    # test examples per task (by the Xeon run's per-phase times about 80 minutes there)
+    # worker-minutes). The sessions' machines vary, so small is cut to fit the slower one:
+    # private experts 24 steps, joint entries 48, adaptations 8/12/16, LoraHub 12 evaluations,
+    # 40 test examples: on the Xeon that run's sources took 25.4 min and its pool was on course
+    # for some 67 (92 in all). So the adaptations take 6/10/14 steps and 32 test examples per
+    # task: about 10 minutes less of the pool there (not yet timed)
     "small": {"train_tasks": 6, "fewshot_tasks": 8, "shots": [16, 64, 256], "rank": 4,
               "skills": 4, "heads": 8, "mtl_rank": 8, "private_steps": 24, "joint_steps": 48,
-              "fewshot_steps": {16: 8, 64: 12, 256: 16}, "batch": 8, "fewshot_batch": 4,
+              "fewshot_steps": {16: 6, 64: 10, 256: 14}, "batch": 8, "fewshot_batch": 4,
               "max_length": 256, "lr": 5e-4, "fewshot_lr": 1e-3, "fewshot_dropout": 0.0,
-              "lorahub_budget": 12, "lorahub_examples": 16, "limit": 40, "dtype": "fast",
+              "lorahub_budget": 12, "lorahub_examples": 16, "limit": 32, "dtype": "fast",
               "fewshot_valid": 8, "workers": 2},
     "full": {"train_tasks": 20, "fewshot_tasks": 12, "shots": [16, 64, 256], "rank": 4,
              "skills": 8, "heads": 64, "mtl_rank": 16, "private_steps": 200,
