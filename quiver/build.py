@@ -628,12 +628,12 @@ def _run_in_processes(pending, library_url, base, train_config, config,
     errors: dict[str, list[str]] = {job.name: [] for job in pending}
     queue = list(pending)
     while queue:
-        with spawn_pool(config.workers) as pool:
+        # workers x threads should match the cores
+        with spawn_pool(config.workers, threads=config.cpus_per_job) as pool:
 
             def submit(job: Job):
-                return pool.submit(_process_train_job, job.name, list(job.tasks), library_url,
-                                   base, to_dict(train_config), dtype, config.cpus_per_job,
-                                   job.adapter)
+                return pool.submit(train_job, job.name, list(job.tasks), library_url, base,
+                                   to_dict(train_config), dtype, adapter=job.adapter)
 
             running = {submit(job): job for job in queue}
             queue = []
@@ -658,14 +658,6 @@ def _run_in_processes(pending, library_url, base, train_config, config,
                             yield _failed(job, errors[job.name])
                         continue
                     yield _outcome(job, result, attempts=len(errors[job.name]) + 1)
-
-
-def _process_train_job(name, tasks, library_url, base, train_config, dtype, cpus,
-                       adapter=None) -> dict:
-    import torch
-
-    torch.set_num_threads(max(1, int(cpus)))  # workers x threads should match the cores
-    return train_job(name, tasks, library_url, base, train_config, dtype, adapter=adapter)
 
 
 def _run_on_ray(pending, library_url, base, train_config, config, dtype) -> Iterator[JobOutcome]:

@@ -22,7 +22,7 @@ PARENT_CHECK_SECONDS = 1.0
 
 
 @contextmanager
-def spawn_pool(workers: int, threads: int | None = None) -> Iterator[ProcessPoolExecutor]:
+def spawn_pool(workers: int, threads: float | None = None) -> Iterator[ProcessPoolExecutor]:
     """A pool of `workers` spawned processes, each with `threads` torch threads (left as torch
     sets them when None), that do not outlive this process or this block."""
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -43,7 +43,7 @@ def spawn_pool(workers: int, threads: int | None = None) -> Iterator[ProcessPool
                 process.join(timeout=10)
 
 
-def _start_worker(parent: int, threads: int | None) -> None:
+def _start_worker(parent: int, threads: float | None) -> None:
     if threads is not None:
         import torch
 
