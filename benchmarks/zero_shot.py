@@ -19,7 +19,7 @@
 Usage: .venv/bin/python benchmarks/zero_shot.py --budget smoke|small|medium|full
 Writes benchmarks/results/zero_shot_<budget>.{json,md,png}; evaluations are cached in the run
 folder (runs/zero-shot-<budget>/), so a re-run only evaluates what is missing. `medium` is the
-CPU budget (about 2 hours on 2 cores); `full` is for a GPU, where trainings and evaluations
+CPU budget (1 h 53 min on the 2-core EPYC); `full` is for a GPU, where trainings and evaluations
 run several at once in processes of their own (`workers`, `eval_workers`).
 """
 
@@ -105,9 +105,8 @@ BUDGETS = {  # steps are per expert; cluster and shared experts see more tasks, 
     # benchmarks/budget_sweep.py, which never sees these held-out tasks); two trainings and
     # two evaluations at once at one thread each (1.55-1.8x faster than one with two threads,
     # results/train_throughput_parallel*.md); 12 held-out tasks x up to 200 of all their
-    # examples (2,152 in all: issue 9 asks 2,000+; 150 gave 1,703). The run at 250 examples,
-    # 80 cluster and 160 shared steps took about 2.5 hours (with the test suite beside it for
-    # 40 min); 200, 60 and 120 take about a fifth less of the evaluations and of the builds.
+    # examples (2,152 in all: issue 9 asks 2,000+; 150 gave 1,703). Timed at 814d4b9 on the
+    # 2-core EPYC in one go: 1:52:36 (builds 47 min, evaluations 66; benchmarks/README).
     "medium": {"tasks": 6, "private_steps": 60, "cluster_steps": 60, "shared_steps": 120,
                "clusters": 3, "held_out": 12, "limit": 200, "gate_steps": 10, "batch": 8,
                "max_length": 256, "dtype": "fast", "lr": 5e-4, "split": "all",
