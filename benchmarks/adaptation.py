@@ -92,7 +92,7 @@ BUDGETS = {
     # private experts 24 steps, joint entries 48, adaptations 8/12/16, LoraHub 12 evaluations,
     # 40 test examples: on the Xeon that run's sources took 25.4 min and its pool was on course
     # for some 67 (92 in all). So the adaptations take 6/10/14 steps and 32 test examples per
-    # task: about 10 minutes less of the pool there. Timed at f410be6 on that Xeon: 86.4 min
+    # task: about 10 minutes less of the pool there. Timed at f410be6 on that Xeon: 86.4 min.
     "small": {"train_tasks": 6, "fewshot_tasks": 8, "shots": [16, 64, 256], "rank": 4,
               "skills": 4, "heads": 8, "mtl_rank": 8, "private_steps": 24, "joint_steps": 48,
               "fewshot_steps": {16: 6, 64: 10, 256: 14}, "batch": 8, "fewshot_batch": 4,
