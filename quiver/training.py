@@ -46,7 +46,8 @@ from quiver.data.batching import (
 )
 from quiver.data.task import SplitConfig, Task
 from quiver.errors import QuiverError
-from quiver.library.expert import Expert, ExpertInfo, peft_config_json
+from quiver.library.expert import Expert, ExpertInfo
+from quiver.library.formats import peft_config_json
 from quiver.library.store import RunState
 from quiver.models import fingerprint
 

@@ -22,13 +22,13 @@ from quiver.adaptation import (
 from quiver.adaptation.lorahub import search_weights
 from quiver.adaptation.starts import LoraStart
 from quiver.adapters import PolyMHRConfig, load_poly
-from quiver.adapters.task_rows import PEFT_PREFIX
 from quiver.build import train_into_library
 from quiver.config import from_dict, to_dict
 from quiver.data import load_task
 from quiver.errors import QuiverError
 from quiver.evaluation import EvalConfig
 from quiver.library import Expert, Library
+from quiver.library.expert import PEFT_PREFIX
 from quiver.models import fingerprint, linear_module_shapes
 from quiver.recipes import evaluate_method
 from quiver.training import TrainConfig

@@ -1,6 +1,10 @@
+import ast
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,6 +254,55 @@ def test_nothing_in_the_package_can_unpickle():
         text = path.read_text()
         forbidden = ["import " + "pickle", "torch." + "load(", "job" + "lib"]
         assert not any(word in text for word in forbidden), path
+
+
+_ABOVE_LIBRARY = ("quiver.adapters", "quiver.adaptation", "quiver.training")  # import library
+_IMPORT_LIBRARY = f"""
+import importlib.util, sys, types
+package = types.ModuleType("quiver")  # quiver/__init__ imports training and more: skip it
+package.__path__ = list(importlib.util.find_spec("quiver").submodule_search_locations)
+sys.modules["quiver"] = package
+import quiver.library
+from quiver.errors import QuiverError
+from quiver.library import store
+for peft_type in ("POLY", "MTL_LORA"):  # the checks of the multi-task formats run too
+    try:
+        store.check_adapter({{"peft_type": peft_type}}, {{}}, None)
+    except QuiverError:
+        pass
+print([m for m in sys.modules if m.startswith({_ABOVE_LIBRARY!r})])
+"""
+
+
+def _imported_modules(tree: ast.AST, package: str) -> set[str]:
+    """Every module an `import` anywhere in `tree` (functions included) names; relative
+    imports resolved against `package`."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = ".".join(parts[:len(parts) - node.level + 1] if node.level else [])
+            module = ".".join(p for p in (base, node.module or "") if p)
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_library_package_imports_no_adapter_module():
+    """Data flows one way: the adapters (and adaptation, training) import the library, the
+    library never imports them, not even inside a function."""
+    found = subprocess.run([sys.executable, "-c", _IMPORT_LIBRARY], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert found == "[]", found
+    root = Path(__file__).parent.parent / "quiver" / "library"
+    for path in sorted(root.rglob("*.py")):
+        package = ".".join(("quiver", "library", *path.relative_to(root).parent.parts))
+        imported = _imported_modules(ast.parse(path.read_text()), package)
+        above = sorted(m for m in imported
+                       if any(m == p or m.startswith(p + ".") for p in _ABOVE_LIBRARY))
+        assert not above, f"{path.name} imports {above}"
 
 
 def test_library_base_pin(tiny, tmp_path):

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 
 from quiver.adaptation.starts import Factors, PolyStart
-from quiver.adapters.task_rows import PEFT_PREFIX
 from quiver.errors import QuiverError
+from quiver.library.expert import PEFT_PREFIX
 from quiver.merging import uniform
 
 _SKILL_PARTS = ("poly_lora_A", "poly_lora_B")

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 
 from quiver.adaptation.starts import PolyStart, scaled_factors
-from quiver.adapters.task_rows import PEFT_PREFIX
 from quiver.config import stable_hash
 from quiver.errors import QuiverError
+from quiver.library.expert import PEFT_PREFIX
 
 
 def check_same_shapes(experts, method: str) -> None:

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from quiver.adapters import PolyMHRConfig, attach_poly
-from quiver.adapters.task_rows import PEFT_PREFIX
 from quiver.errors import QuiverError
-from quiver.library.expert import lora_factors
+from quiver.library.expert import PEFT_PREFIX, lora_factors
 from quiver.training import TrainConfig, _LoraAdapter
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (A (r, in), B (out, r))}

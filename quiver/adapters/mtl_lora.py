@@ -29,7 +29,6 @@ each row (`ExpertInfo.tasks`, `lora["task_rows"]`).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -41,15 +40,12 @@ from quiver.adapters.task_rows import (
     adapter_options,
     attach_task_layers,
     check_batch_rows,
-    weights_by_module,
 )
 from quiver.errors import QuiverError
-from quiver.library.expert import check_fits_base_layer, peft_config_json
+from quiver.library.formats import MTL_LORA_KEY, MTL_LORA_PARTS, peft_config_json
 
 KIND = "mtl-lora"
 PEFT_TYPE = "MTL_LORA"  # quiver's own: PEFT cannot load it (export a task with `task_lora`)
-_PARTS = ("mtl_lora_A", "mtl_lora_L", "mtl_lora_B", "mtl_lora_mix")
-_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>" + "|".join(_PARTS) + r")$")
 
 
 @dataclass
@@ -104,7 +100,8 @@ class MTLLoRALinear(nn.Module):
 
     def parts(self) -> dict[str, nn.Parameter]:
         """The layer's tensors under their stored key suffixes."""
-        return dict(zip(_PARTS, (self.lora_a, self.lora_l, self.lora_b, self.mix), strict=True))
+        return dict(zip(MTL_LORA_PARTS, (self.lora_a, self.lora_l, self.lora_b, self.mix),
+                        strict=True))
 
     def task_up(self, ids: torch.Tensor | int) -> torch.Tensor:
         """B_t (rows, out, r) of task rows `ids` (an int: one row)."""
@@ -216,7 +213,7 @@ def task_lora(expert, task: str, name: str):
     row, tau = info.tasks.index(task), config["mix_temperature"]
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in expert.weights.items():
-        match = _KEY.match(key)
+        match = MTL_LORA_KEY.match(key)
         parts.setdefault(match["module"], {})[match["part"]] = tensor
     weights = {}
     for module, found in sorted(parts.items()):
@@ -245,25 +242,3 @@ def _lora_config(config: dict) -> dict:
                       target_modules=list(config["target_modules"]), bias="none",
                       task_type="CAUSAL_LM", inference_mode=True)
     return peft_config_json(lora, config.get("base_model_name_or_path"))
-
-
-def check_mtl_lora_adapter(adapter_config: dict, weights: dict[str, torch.Tensor],
-                           modules: dict[str, list[int]] | None) -> None:
-    """Check that a stored MTL-LoRA adapter is complete and fits a base model's linear layers.
-
-    Raises:
-        QuiverError: a key that is not an MTL-LoRA weight, a missing part, or a shape that
-            does not match the config or the base model.
-    """
-    parts = weights_by_module(weights, _KEY, "MTL-LoRA")
-    rank, tasks = adapter_config.get("r"), adapter_config.get("n_tasks")
-    n = adapter_config.get("up_projections")
-    for module, found in parts.items():
-        if len(found) != len(_PARTS):
-            raise QuiverError(f"incomplete MTL-LoRA weights for {module}: only {sorted(found)}")
-        a, lam, b, mix = (found[p] for p in _PARTS)
-        if (a.shape[0] != rank or tuple(lam.shape) != (tasks, rank, rank)
-                or b.shape[0] != n or b.shape[2] != rank or tuple(mix.shape) != (tasks, n)):
-            raise QuiverError(f"MTL-LoRA shapes at {module} do not match the config (r={rank}, "
-                              f"tasks={tasks}, up_projections={n})")
-        check_fits_base_layer(module, a.shape[1], b.shape[1], modules)

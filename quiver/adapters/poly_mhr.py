@@ -29,7 +29,6 @@ metadata names the task of each routing row (`ExpertInfo.tasks`, `lora["task_row
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -42,14 +41,12 @@ from quiver.adapters.task_rows import (
     adapter_options,
     attach_task_layers,
     check_batch_rows,
-    weights_by_module,
 )
 from quiver.errors import QuiverError
-from quiver.library.expert import check_fits_base_layer, peft_config_json
+from quiver.library.formats import peft_config_json
 
 KIND = "poly"
 STRATEGY_HEADS = {"poly": 1, "mhr": 64}  # H when not given: Poly has one head; MHR's code 64
-_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>poly_lora_A|poly_lora_B|poly_router\.module_logits)$")
 _EPS = 1e-12  # the normalisation's guard against a head whose samples are all ~0
 
 
@@ -231,26 +228,3 @@ def load_poly(model: nn.Module, expert) -> PolyAdapter:
     targets = tuple(config["target_modules"])
     adapter = attach_poly(model, list(info.tasks), poly, config["r"], 1.0, 0.0, targets)
     return adapter.loaded(expert.weights)
-
-
-def check_poly_adapter(adapter_config: dict, weights: dict[str, torch.Tensor],
-                       modules: dict[str, list[int]] | None) -> None:
-    """Check that a PEFT Poly adapter is complete and fits a base model's linear layers.
-
-    Raises:
-        QuiverError: a key that is not a Poly weight, a missing part, or a shape that does not
-            match the config or the base model.
-    """
-    parts = weights_by_module(weights, _KEY, "Poly")
-    heads, skills = adapter_config.get("n_splits"), adapter_config.get("n_skills")
-    rank, tasks = adapter_config.get("r"), adapter_config.get("n_tasks")
-    for module, found in parts.items():
-        if len(found) != 3:
-            raise QuiverError(f"incomplete Poly weights for {module}: only {sorted(found)}")
-        a, b = found["poly_lora_A"], found["poly_lora_B"]
-        logits = found["poly_router.module_logits"]
-        if (a.shape[:2] != (heads, skills) or a.shape[3] != rank or b.shape[:3] !=
-                (heads, skills, rank) or tuple(logits.shape) != (tasks, heads * skills)):
-            raise QuiverError(f"Poly shapes at {module} do not match the config (r={rank}, "
-                              f"tasks={tasks}, skills={skills}, splits={heads})")
-        check_fits_base_layer(module, a.shape[2] * heads, b.shape[3] * heads, modules)

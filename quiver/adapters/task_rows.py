@@ -10,39 +10,13 @@ parameters per training task and pick, for every input row, its task's row.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from quiver.errors import QuiverError
-
-PEFT_PREFIX = "base_model.model."  # the prefix PEFT gives module names in its state dicts
-
-
-def weights_by_module(weights: dict[str, torch.Tensor], key: re.Pattern, kind: str
-                      ) -> dict[str, dict[str, torch.Tensor]]:
-    """A stored adapter's tensors grouped by module (PEFT's prefix removed), then by part;
-    `key` matches a tensor name with groups `module` and `part`.
-
-    Raises:
-        QuiverError: a name `key` does not match, or no tensors at all.
-    """
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in weights.items():
-        match = key.match(name)
-        if match is None:
-            raise QuiverError(f"not {article(kind)} {kind} weight: {name!r}")
-        parts.setdefault(match["module"].removeprefix(PEFT_PREFIX), {})[match["part"]] = tensor
-    if not parts:
-        raise QuiverError(f"the adapter has no {kind} weights")
-    return parts
-
-
-def article(word: str) -> str:
-    """'an' before a word read with a vowel sound at its start (MTL-LoRA: em-tee-el), else 'a'."""
-    return "an" if word[0] in "AEFHILMNORSX" else "a"
+from quiver.library.expert import PEFT_PREFIX
 
 
 class TaskRouting:

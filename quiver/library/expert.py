@@ -23,7 +23,7 @@ from safetensors.torch import save as save_safetensors
 from quiver.errors import QuiverError
 
 FORMAT_VERSION = 1
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # the prefix PEFT gives module names in its state dicts
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 
 
@@ -139,7 +139,7 @@ def lora_factors(weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tens
         match = _KEY.match(key)
         if match is None:
             raise QuiverError(f"not a LoRA weight: {key!r} (only lora_A / lora_B are supported)")
-        module = match["module"].removeprefix(_PEFT_PREFIX)
+        module = match["module"].removeprefix(PEFT_PREFIX)
         sides.setdefault(module, {})[match["side"]] = tensor
     missing = [m for m, pair in sides.items() if set(pair) != {"A", "B"}]
     if missing:
@@ -165,77 +165,3 @@ def content_hash(adapter_config: dict, weights_bytes: bytes) -> str:
     digest = hashlib.sha256(json.dumps(adapter_config, sort_keys=True).encode())
     digest.update(weights_bytes)
     return digest.hexdigest()
-
-
-def check_adapter(
-    adapter_config: dict, weights: dict[str, torch.Tensor], modules: dict[str, list[int]] | None
-) -> None:
-    """Check that a PEFT adapter is a plain LoRA (or a Poly/MHR or MTL-LoRA adapter) that fits
-    a base model's linear layers.
-
-    Args:
-        modules: `{module name: [in, out]}` of the base model, or None to skip shape checks.
-
-    Raises:
-        QuiverError: not LoRA, unsupported LoRA options, rank or target-module mismatch.
-    """
-    if adapter_config.get("peft_type") == "POLY":
-        from quiver.adapters.poly_mhr import check_poly_adapter  # its format lives there
-
-        check_poly_adapter(adapter_config, weights, modules)
-        return
-    if adapter_config.get("peft_type") == "MTL_LORA":
-        from quiver.adapters.mtl_lora import check_mtl_lora_adapter  # its format lives there
-
-        check_mtl_lora_adapter(adapter_config, weights, modules)
-        return
-    if adapter_config.get("peft_type") != "LORA":
-        raise QuiverError(f"not a LoRA adapter (peft_type={adapter_config.get('peft_type')!r})")
-    for option in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern"):
-        if adapter_config.get(option):
-            raise QuiverError(f"LoRA option {option}={adapter_config[option]!r} is not supported")
-    if adapter_config.get("bias", "none") != "none":
-        raise QuiverError("LoRA adapters with trained biases are not supported")
-    rank = adapter_config.get("r")
-    targets = adapter_config.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    factors = lora_factors(weights)
-    if not factors:
-        raise QuiverError("the adapter has no LoRA weights")
-    for module, (a, b) in factors.items():
-        if a.shape[0] != rank or b.shape[1] != rank:
-            raise QuiverError(
-                f"rank mismatch at {module}: config says r={rank}, weights have "
-                f"A {tuple(a.shape)} and B {tuple(b.shape)}"
-            )
-        if targets and module.rsplit(".", 1)[-1] not in targets and module not in targets:
-            raise QuiverError(
-                f"target-module mismatch: {module} is adapted but not in target_modules {targets}"
-            )
-        check_fits_base_layer(module, a.shape[1], b.shape[0], modules)
-
-
-def check_fits_base_layer(module: str, fan_in: int, fan_out: int,
-                          modules: dict[str, list[int]] | None) -> None:
-    """Raise unless the base model has a linear layer `module` of `fan_in` -> `fan_out`.
-
-    Args:
-        modules: `{module name: [in, out]}` of the base model, or None to skip the check.
-    """
-    if modules is None:
-        return
-    if module not in modules:
-        raise QuiverError(f"the base model has no linear layer named {module}")
-    base_in, base_out = modules[module]
-    if (fan_in, fan_out) != (base_in, base_out):
-        raise QuiverError(f"shape mismatch at {module}: base layer is {base_in}->{base_out}, the "
-                          f"adapter's {fan_in}->{fan_out} (an expert for another base model?)")
-
-
-def peft_config_json(config, base_model: str | None) -> dict:
-    """A PEFT config (`LoraConfig`, `PolyConfig`, ...) as `adapter_config.json` holds it:
-    plain JSON values (sets sorted, enums as their values) and the base model's name."""
-    raw = config.to_dict()
-    raw["base_model_name_or_path"] = base_model
-    raw = {k: sorted(v) if isinstance(v, set) else v for k, v in raw.items()}
-    return json.loads(json.dumps(raw, default=str))

@@ -33,14 +33,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from quiver.config import stable_hash
 from quiver.errors import QuiverError
-from quiver.library.expert import (
-    Expert,
-    ExpertInfo,
-    check_adapter,
-    content_hash,
-    decode_weights,
-    encode_weights,
-)
+from quiver.library.expert import Expert, ExpertInfo, content_hash, decode_weights, encode_weights
+from quiver.library.formats import check_adapter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

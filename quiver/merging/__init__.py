@@ -14,7 +14,7 @@ import torch
 
 from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo
-from quiver.library.expert import require_lora
+from quiver.library.expert import PEFT_PREFIX, require_lora
 from quiver.merging import task_arithmetic, ties, uniform, uniform_delta
 from quiver.merging.lowrank import lowrank_factorise, svd_factorise
 
@@ -24,7 +24,6 @@ METHODS = {
     "ties": ties.merge,
     "task-arithmetic": task_arithmetic.merge,
 }
-_PEFT_PREFIX = "base_model.model."
 
 
 def merge_experts(
@@ -81,8 +80,8 @@ def _pad_to_rank(weights: dict, rank: int) -> dict[str, torch.Tensor]:
         pad = rank - a.shape[0]
         a = torch.cat([a, a.new_zeros(pad, a.shape[1])]) if pad else a
         b = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1) if pad else b
-        state[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = a.contiguous()
-        state[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
+        state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.contiguous()
+        state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
     return state
 
 
