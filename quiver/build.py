@@ -59,6 +59,9 @@ class BuildConfig:
         "help": "mbc, random: the number of clusters K (needed by them, refused by the others)"})
     cluster_seed: int = field(default=0, metadata={
         "help": "mbc, random: seed of k-means and of the random membership"})
+    cluster_space: str = field(default="params", metadata={
+        "help": "mbc, random: what MBC compares: params (A and B flattened, the paper's) or "
+                "update (the updates s B A)"})
     shared_name: str = field(default="shared", metadata={"help": "shared: the expert's name"})
     executor: str = field(default="local", metadata={
         "help": "local (trainings on this machine, --workers at once) or ray (each training "
@@ -90,6 +93,9 @@ class BuildConfig:
             raise ValueError("cpus_per_job must be positive, gpus_per_job and retries >= 0")
         if self.workers < 0:
             raise ValueError("workers must be at least 1, or 0 for a choice by the machine")
+        if self.cluster_space not in ("params", "update"):
+            raise ValueError(f"unknown cluster space {self.cluster_space!r}: use params or "
+                             "update")
 
 
 @dataclass(frozen=True)
@@ -198,7 +204,8 @@ def build_library(
     report.private = [_found(private_url, found[t]) for t in tasks if t in found] + private
     names = {**found, **{job.tasks[0]: job.name for job in missing}}
     experts = Library(private_url).experts([names[t] for t in tasks])
-    clusters, meta = mbc_clusters(experts, config.clusters, config.cluster_seed)
+    clusters, meta = mbc_clusters(experts, config.clusters, config.cluster_seed,
+                                  config.cluster_space)
     if config.strategy == "random":
         meta = {"sizes_from": clusters}  # the MBC clusters whose sizes it copies
         sizes = [len(members) for members in clusters.values()]
@@ -407,12 +414,13 @@ def find_private_experts(private_url: str, tasks: list[str]) -> dict[str, str]:
     return found
 
 
-def mbc_clusters(experts: list[Expert], k: int, seed: int) -> tuple[dict[str, list[str]], dict]:
-    """MBC: `{cluster0: [private expert names], ...}` from the experts' LoRA parameters, and
-    how they were computed (`Clustering.meta()`)."""
+def mbc_clusters(experts: list[Expert], k: int, seed: int, space: str = "params"
+                 ) -> tuple[dict[str, list[str]], dict]:
+    """MBC: `{cluster0: [private expert names], ...}` from the experts' LoRA parameters (or
+    their updates, `space="update"`), and how they were computed (`Clustering.meta()`)."""
     from quiver.transforms.mbc import MBCConfig, cluster_experts  # scikit-learn: only here
 
-    clustering = cluster_experts(experts, MBCConfig(k=k, seed=seed))
+    clustering = cluster_experts(experts, MBCConfig(k=k, seed=seed, space=space))
     clusters = {name: list(members) for name, members in clustering.clusters.items()}
     return clusters, clustering.meta()
 

@@ -389,6 +389,11 @@ def cluster(
         raise QuiverError("--silhouette-plot needs --k auto (a single k has no curve)")
     clustering, tasks = cluster_library(library, config, experts or None, save_as)
     console.print(clusters_table(clustering, tasks))
+    sizes = sorted((len(m) for m in clustering.clusters.values()), reverse=True)
+    console.print(f"{len(sizes)} clusters of {clustering.config.space} similarity; sizes "
+                  f"{', '.join(map(str, sizes))}")
+    if clustering.degenerate():
+        console.print(f"[bold yellow]warning:[/] {clustering.degenerate()}")
     if config.k == "auto":
         scores = ", ".join(f"{k}: {v:.3f}" for k, v in clustering.silhouette.items())
         console.print(f"silhouette by k: {scores}; chose k={clustering.k}")

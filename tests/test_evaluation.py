@@ -119,3 +119,62 @@ def test_bigbench_tasks_carry_their_output_regex():
     task = bigbench.load("bigbench:object_counting")
     assert task.metadata["output_regex"] or task.metadata["stop_string"]
     assert Path(bigbench.tasks_root()).exists()
+
+
+def test_char_norm_and_calibrated_predictions_follow_their_formulas(tiny):
+    """acc_norm as lm-evaluation-harness defines it (log-probability per character of the
+    continuation) and content-free calibration (minus the option's log-probability after
+    "N/A" and the answer cue), recomputed here from brute-force log-probabilities."""
+    model, tokenizer = tiny
+    examples = [Example(f"Q: item {i} is?\nA: ", "x", options=("x", "yy yy", "zzz"),
+                        answer=i % 3) for i in range(9)]
+    task = Task("toy:calibrate", examples, kind="mc")
+    report = evaluate(model, tokenizer, [task], EvalConfig(split="all", calibrate=True),
+                      show_progress=False)["tasks"]["toy:calibrate"]
+    order = task.split("all")
+    free = [_brute_force_log_prob(model, tokenizer, "N/A\nA: ", o) for o in order[0].options]
+    for e, char_hit, calibrated_hit in zip(order, report["per_example"]["accuracy_char_norm"],
+                                           report["per_example"]["accuracy_calibrated"],
+                                           strict=True):
+        log_probs = [_brute_force_log_prob(model, tokenizer, e.prompt, o) for o in e.options]
+        per_char = [lp / len(" " + o) for lp, o in zip(log_probs, e.options, strict=True)]
+        shifted = [lp - f for lp, f in zip(log_probs, free, strict=True)]
+        assert char_hit == float(max(range(3), key=per_char.__getitem__) == e.answer)
+        assert calibrated_hit == float(max(range(3), key=shifted.__getitem__) == e.answer)
+    assert report["accuracy_calibrated"] == pytest.approx(
+        100 * sum(report["per_example"]["accuracy_calibrated"]) / 9)
+    assert "accuracy_calibrated" not in evaluate(
+        model, tokenizer, [task], EvalConfig(split="all"), show_progress=False)["average"]
+
+
+def test_prediction_shares_count_options_by_text_or_position(tiny):
+    model, tokenizer = tiny
+    fixed = Task("toy:fixed", [Example(f"Q{i}\nA: ", "yes", options=("yes", "no"), answer=0)
+                               for i in range(10)], kind="mc")
+    report = evaluate(model, tokenizer, [fixed], EvalConfig(split="all"),
+                      show_progress=False)["tasks"]["toy:fixed"]
+    predictions = report["per_example"]["prediction"]
+    assert report["answer_share"] == {"yes": 100.0}
+    assert report["prediction_share"].get("yes", 0) == pytest.approx(
+        100 * predictions.count(0) / 10)
+    assert sum(report["prediction_share"].values()) == pytest.approx(100)
+    many = Task("toy:many", [Example(f"Q{i}\nA: ", f"o{i}", options=(f"o{i}", f"p{i}"),
+                                     answer=0) for i in range(12)], kind="mc")
+    shares = evaluate(model, tokenizer, [many], EvalConfig(split="all"),
+                      show_progress=False)["tasks"]["toy:many"]["answer_share"]
+    assert shares == {"#0": 100.0}  # 24 distinct texts: counted by position
+
+
+def test_skip_gives_a_disjoint_sample_after_the_limit(tiny):
+    model, tokenizer = tiny
+    task = Task("toy:skip", [Example(f"Q{i}\nA: ", "a", options=("a", "b"), answer=0)
+                             for i in range(10)], kind="mc")
+    first = evaluate(model, tokenizer, [task], EvalConfig(split="all", limit=4),
+                     show_progress=False)["tasks"]["toy:skip"]
+    rest = evaluate(model, tokenizer, [task], EvalConfig(split="all", skip=4),
+                    show_progress=False)["tasks"]["toy:skip"]
+    assert (first["examples"], rest["examples"]) == (4, 6)
+    with pytest.raises(QuiverError, match="after skipping 10"):
+        evaluate(model, tokenizer, [task], EvalConfig(split="all", skip=10), show_progress=False)
+    with pytest.raises(ValueError):
+        EvalConfig(skip=-1)

@@ -3,6 +3,7 @@ the clusters record in the library, and the plots."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import numpy as np
@@ -217,3 +218,61 @@ def test_plots_are_written(tmp_path):
     silhouette_plot(clustering.silhouette, clustering.k, tmp_path / "s" / "curve.png")
     assert (tmp_path / "h.png").stat().st_size > 5000
     assert (tmp_path / "s" / "curve.png").stat().st_size > 5000
+
+
+def _dense_update(expert: Expert) -> np.ndarray:
+    """Every module's update s B A materialised and flattened (sorted modules)."""
+    return np.concatenate([(expert.scaling * b @ a).double().reshape(-1).numpy()
+                           for _, (a, b) in sorted(expert.lora_factors().items())])
+
+
+def test_update_space_gram_equals_the_materialised_updates():
+    from quiver.transforms.mbc import update_gram
+
+    experts, _ = _groups(n_groups=2, per_group=3)
+    dense = np.stack([_dense_update(e) for e in experts])
+    assert np.allclose(update_gram(experts), dense @ dense.T, rtol=1e-6, atol=1e-6)
+    clustering = cluster_experts(experts, MBCConfig(k=2, space="update"))
+    cosine = cosine_similarity(dense)
+    # With E - 1 dimensions one direction of the Gram is dropped: close, not exact.
+    assert np.abs(clustering.similarity - cosine).max() < 0.2
+    assert np.allclose(np.linalg.norm(clustering.embeddings, axis=1), 1.0)
+
+
+def test_update_space_sees_shared_init_experts_as_different():
+    """Experts with one A (a shared initialisation) and unrelated B's: their flattened
+    parameters look alike, their updates do not; planted groups in B are found only there."""
+    rng = np.random.default_rng(1)
+    shared_a = {m: rng.standard_normal((RANK, fan_in)) * 3 for m, fan_in, _ in MODULES}
+    centres = [{m: rng.standard_normal((fan_out, RANK)) * 0.1 for m, _, fan_out in MODULES}
+               for _ in range(3)]
+    experts, truth = [], []
+    for i in range(12):
+        group = i % 3
+        parts = []
+        for module, _fan_in, fan_out in sorted(MODULES):
+            b = centres[group][module] + 0.01 * rng.standard_normal((fan_out, RANK))
+            parts += [shared_a[module].reshape(-1), b.reshape(-1)]
+        experts.append(_expert(f"e{i:02d}", np.concatenate(parts).astype(np.float32)))
+        truth.append(group)
+    params = cluster_experts(experts, MBCConfig(k=3, space="params"))
+    update = cluster_experts(experts, MBCConfig(k=3, space="update"))
+    off = ~np.eye(12, dtype=bool)
+    assert params.similarity[off].min() > update.similarity[off].min()
+    assert adjusted_rand_score(truth, update.labels) == 1.0
+
+
+def test_a_cluster_holding_almost_every_expert_is_reported_degenerate():
+    experts, _ = _groups(n_groups=2, per_group=4)
+    fine = cluster_experts(experts, MBCConfig(k=2))
+    assert fine.degenerate() is None and fine.meta()["degenerate"] is None
+    lopsided = dataclasses.replace(fine, clusters={"cluster0": fine.names[:7],
+                                                   "cluster1": fine.names[7:]})
+    message = lopsided.degenerate()
+    assert "cluster0 holds 7 of the 8 experts (88%)" in message
+    assert "1 of the 2 clusters hold one expert" in message
+
+
+def test_unknown_space_is_refused():
+    with pytest.raises(ValueError, match="space must be one of"):
+        MBCConfig(k=2, space="delta")

@@ -23,12 +23,20 @@ class EvalConfig:
                 "expert trained on, unless --allow-seen)"})
     limit: int = field(default=0, metadata={
         "help": "examples per task, at most (0: all); a seeded sample, the same every run"})
+    skip: int = field(default=0, metadata={
+        "help": "examples of the split's seeded order passed over before the limit: "
+                "--skip 200 --limit 40 scores the next 40, disjoint from --limit 200"})
+    calibrate: bool = field(default=False, metadata={
+        "help": "multiple choice: also score each option against its log-probability after "
+                "a content-free prompt (one more pass per distinct option set)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per batch"})
     max_new_tokens: int = field(default=32, metadata={"help": "generation length, at most"})
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ValueError(f"unknown split {self.split!r}")
+        if self.limit < 0 or self.skip < 0:
+            raise ValueError("limit and skip must be >= 0")
 
 
 def evaluate(
@@ -66,23 +74,81 @@ def evaluate(
 
 
 def _examples(task: Task, config: EvalConfig) -> list:
-    examples = task.split(config.split, SplitConfig())
+    examples = task.split(config.split, SplitConfig())[config.skip :]
     if config.limit:
         examples = examples[: config.limit]
     if not examples:
-        raise QuiverError(f"task {task.name!r} has no examples in its {config.split} split")
+        skipped = f" after skipping {config.skip}" if config.skip else ""
+        raise QuiverError(f"task {task.name!r} has no examples in its {config.split} "
+                          f"split{skipped}")
     return examples
 
 
 def _multiple_choice(model, tokenizer, examples, config: EvalConfig) -> dict:
-    hits, hits_norm = [0.0] * len(examples), [0.0] * len(examples)
+    scores = [None] * len(examples)
     for batch in _choice_batches(examples, config.batch_size):
-        scores = score_choices_batch(model, tokenizer, [examples[i] for i in batch])
-        for i, score in zip(batch, scores, strict=True):
-            hits[i] = float(score.prediction(normalise=False) == examples[i].answer)
-            hits_norm[i] = float(score.prediction(normalise=True) == examples[i].answer)
-    return {"accuracy": 100 * mean(hits), "accuracy_norm": 100 * mean(hits_norm),
-            "examples": len(examples), "per_example": {"accuracy": hits}}
+        for i, score in zip(batch, score_choices_batch(model, tokenizer,
+                                                       [examples[i] for i in batch]),
+                            strict=True):
+            scores[i] = score
+    answers = [e.answer for e in examples]
+    predictions = {
+        "accuracy": [s.prediction(normalise=False) for s in scores],
+        "accuracy_norm": [s.prediction(normalise=True) for s in scores],
+        "accuracy_char_norm": [s.prediction_per_char(e.prompt, e.options)
+                               for s, e in zip(scores, examples, strict=True)],
+    }
+    if config.calibrate:
+        content_free = content_free_scores(model, tokenizer, examples, config.batch_size)
+        predictions["accuracy_calibrated"] = [
+            s.prediction_calibrated(free) for s, free in zip(scores, content_free, strict=True)]
+    per_example = {metric: [float(p == a) for p, a in zip(chosen, answers, strict=True)]
+                   for metric, chosen in predictions.items()}
+    result = {metric: 100 * mean(hits) for metric, hits in per_example.items()}
+    result.update(examples=len(examples), per_example=per_example,
+                  prediction_share=option_shares(examples, predictions["accuracy"]),
+                  answer_share=option_shares(examples, answers))
+    per_example.update(prediction=predictions["accuracy"], answer=answers,
+                       chance=[1 / len(e.options) for e in examples])
+    return result
+
+
+def option_shares(examples: list, chosen: list[int], max_labels: int = 10) -> dict[str, float]:
+    """Share (%) of `chosen` options by label: the option's text where the task has at most
+    `max_labels` distinct options (True / False / Neither), else its position ("#0", "#1",
+    ...). Shows a prior over answers that a method adds or removes."""
+    texts = {o for e in examples for o in e.options}
+    labels = [e.options[c] if len(texts) <= max_labels else f"#{c}"
+              for e, c in zip(examples, chosen, strict=True)]
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return {label: 100 * n / len(labels) for label, n in sorted(counts.items())}
+
+
+def content_free_scores(model, tokenizer, examples: list, batch_size: int) -> list[list[float]]:
+    """Each example's options scored after a content-free prompt: "N/A" and the prompt's last
+    line (the answer cue, e.g. "A: "), as Zhao et al. (2021, "Calibrate Before Use") replace
+    the input by "N/A". Examples with the same cue and options share one scoring."""
+    from quiver.data.task import Example
+
+    keys = [(content_free_prompt(e.prompt), e.options) for e in examples]
+    distinct = list(dict.fromkeys(keys))
+    probes = [Example(prompt, options[0], options=options, answer=0)
+              for prompt, options in distinct]
+    found: dict = {}
+    for batch in _choice_batches(probes, batch_size):
+        for i, score in zip(batch, score_choices_batch(model, tokenizer,
+                                                       [probes[i] for i in batch]),
+                            strict=True):
+            found[distinct[i]] = score.log_probs
+    return [found[key] for key in keys]
+
+
+def content_free_prompt(prompt: str) -> str:
+    """"N/A" followed by the prompt's last line: for BIG-bench's "...\nA: " that is "N/A\nA: "."""
+    cue = prompt[prompt.rfind("\n") :] if "\n" in prompt else ""
+    return "N/A" + cue
 
 
 def _choice_batches(examples, batch_size: int, max_rows: int = 32) -> list[list[int]]:
@@ -120,7 +186,8 @@ def _generative(model, tokenizer, task, examples, config: EvalConfig) -> dict:
 
 
 def _average(results: dict) -> dict:
-    metrics = ("accuracy", "accuracy_norm", "exact_match", "rougeL")
+    metrics = ("accuracy", "accuracy_norm", "accuracy_char_norm", "accuracy_calibrated",
+               "exact_match", "rougeL")
     average = {}
     for metric in metrics:
         values = [r[metric] for r in results.values() if metric in r]

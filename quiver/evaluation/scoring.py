@@ -1,8 +1,11 @@
 """Scoring a model on examples: log-likelihood multiple choice and greedy generation.
 
 Multiple choice (as in the paper and BIG-bench): the log-probability of each option given the
-prompt; the prediction is the option with the highest total log-probability (`accuracy`) or
-the highest mean log-probability per token (`accuracy_norm`, length-normalised). The prompt
+prompt; the prediction is the option with the highest total log-probability (`accuracy`),
+the highest mean log-probability per token (`accuracy_norm`, length-normalised), per
+character (`accuracy_char_norm`, lm-evaluation-harness's `acc_norm`), or, with calibration,
+the highest log-probability above the option's own after a content-free prompt
+(`accuracy_calibrated`, Zhao et al. 2021, "Calibrate Before Use"). The prompt
 is run once per example and its KV cache is shared by all the options, which are scored
 together in one right-padded batch; `score_choices_batch` does several examples at once
 (prompts left-padded), which is how the harness calls it.
@@ -36,7 +39,25 @@ class ChoiceScores:
     def prediction(self, normalise: bool) -> int:
         values = [lp / n if normalise else lp for lp, n in
                   zip(self.log_probs, self.n_tokens, strict=True)]
-        return max(range(len(values)), key=values.__getitem__)
+        return _argmax(values)
+
+    def prediction_per_char(self, prompt: str, options: tuple[str, ...]) -> int:
+        """lm-evaluation-harness's `acc_norm`: log-probability over the continuation's length
+        in characters (the continuation is the prompt's trailing space and the option)."""
+        trailing = prompt[len(split_trailing_space(prompt, "")[0]) :]
+        return _argmax([lp / max(1, len(trailing + o)) for lp, o in
+                        zip(self.log_probs, options, strict=True)])
+
+    def prediction_calibrated(self, content_free: list[float]) -> int:
+        """Content-free calibration (Zhao et al., 2021): each option's log-probability minus
+        its log-probability after a content-free prompt, so an option the model favours
+        whatever the question loses that prior."""
+        return _argmax([lp - free for lp, free in
+                        zip(self.log_probs, content_free, strict=True)])
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)  # ties: the first option
 
 
 def score_choices(model, tokenizer: PreTrainedTokenizerBase, example: Example) -> ChoiceScores:

@@ -33,18 +33,22 @@ class TransferConfig:
 
     metric: str = field(default="loss", metadata={"help": "loss (mean target-token loss) or "
                                                           "accuracy (MC accuracy / exact match)"})
-    split: str = field(default="valid", metadata={"help": "train, valid or test"})
+    split: str = field(default="valid", metadata={
+        "help": "train, valid, test, or all (every example, for tasks no expert saw)"})
     limit: int = field(default=0, metadata={"help": "examples per task, at most (0: all)"})
+    skip: int = field(default=0, metadata={
+        "help": "examples of the split's seeded order passed over first (a disjoint sample)"})
     batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
     max_length: int = field(default=512, metadata={"help": "tokens per example (prompt cut)"})
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}: use loss or accuracy")
-        if self.split not in ("train", "valid", "test"):
+        if self.split not in ("train", "valid", "test", "all"):
             raise ValueError(f"unknown split {self.split!r}")
-        if self.limit < 0 or self.batch_size < 1 or self.max_length < 8:
-            raise ValueError("limit must be >= 0, batch_size positive, max_length at least 8")
+        if self.limit < 0 or self.skip < 0 or self.batch_size < 1 or self.max_length < 8:
+            raise ValueError("limit and skip must be >= 0, batch_size positive, max_length "
+                             "at least 8")
 
 
 def transfer_matrix(
@@ -92,6 +96,7 @@ def transfer_matrix(
         "metric": config.metric,
         "split": config.split,
         "limit": config.limit,
+        "skip": config.skip,
         "tasks": [t.name for t in tasks],
         "examples": {t.name: len(_examples(t, config)) for t in tasks},
         "values": values,
@@ -100,7 +105,7 @@ def transfer_matrix(
 
 
 def _examples(task: Task, config: TransferConfig) -> list:
-    examples = task.split(config.split, SplitConfig())
+    examples = task.split(config.split, SplitConfig())[config.skip :]
     examples = examples[: config.limit] if config.limit else examples
     if not examples:
         raise QuiverError(f"task {task.name!r} has no examples in its {config.split} split")
@@ -126,7 +131,7 @@ def _accuracy_scorer(tokenizer, tasks: list[Task], config: TransferConfig):
 
     for task in tasks:
         _examples(task, config)  # a task without examples fails before any scoring
-    eval_config = EvalConfig(split=config.split, limit=config.limit,
+    eval_config = EvalConfig(split=config.split, limit=config.limit, skip=config.skip,
                              batch_size=config.batch_size)
 
     def score(model) -> dict[str, float]:

@@ -16,9 +16,22 @@ For E experts, each with the same adapted modules and ranks:
     labels = KMeans(k, k-means++, restarts, seed) on the rows of S
 
 Each expert is clustered by its row of similarities to every expert, as in the authors'
-code (microsoft/mttl, `MBCWithCosSimTransform`). With `k="auto"`, every k in
-2..min(E - 1, max_k) is tried and the one with the best silhouette score (cosine distance
-between the embeddings z) wins; ties go to the smaller k.
+code (microsoft/mttl, `MBCWithCosSimTransform`).
+
+`space="update"` compares what training changed instead of the raw factors: every A starts
+from the same seeded initialisation, so the flattened parameters of experts that learned
+different things are still alike (cosine 0.92-0.96 in benchmarks/results/zero_shot_medium.md).
+There each expert is the vector of its updates dW_m = s B_m A_m over all modules, and the
+Gram matrix of those vectors is computed exactly from the small factors,
+
+    <dW_i, dW_j> = sum_m s_i s_j trace((B_i,m^T B_j,m) (A_j,m A_i,m^T))       (r x r products)
+
+without materialising any dW; the embeddings are its top eigenvectors scaled by the square
+roots of their eigenvalues (what the truncated SVD of the vectors gives), L2-normalised.
+The sparsification step has no counterpart there (it would need every dW entry).
+
+With `k="auto"`, every k in 2..min(E - 1, max_k) is tried and the one with the best
+silhouette score (cosine distance between the embeddings z) wins; ties go to the smaller k.
 
 Experts that do not adapt the same modules with the same shapes cannot be compared
 parameter by parameter, so they are refused (`QuiverError`) rather than silently aligned on
@@ -30,12 +43,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from quiver.config import to_dict
 from quiver.errors import QuiverError
 from quiver.library.expert import Expert, require_lora
 
 METHOD = "mbc"
+SPACES = ("params", "update")
+DEGENERATE_SHARE = 0.75  # a clustering whose largest cluster holds this share of the experts
 
 
 @dataclass
@@ -50,6 +66,9 @@ class MBCConfig:
     restarts: int = field(default=10, metadata={"help": "k-means restarts (k-means++ init)"})
     seed: int = field(default=0, metadata={"help": "seed of the SVD and of k-means"})
     max_k: int = field(default=20, metadata={"help": "largest k that k=auto tries"})
+    space: str = field(default="params", metadata={
+        "help": "what is compared: params (A and B flattened, the paper's) or update (the "
+                "updates s B A, what training changed)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.k, str) and self.k.strip().isdigit():
@@ -61,6 +80,8 @@ class MBCConfig:
             raise ValueError("dims and restarts must be positive and max_k at least 2")
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1), not {self.sparsity}")
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {', '.join(SPACES)}, not {self.space!r}")
 
 
 @dataclass
@@ -82,6 +103,20 @@ class Clustering:
     silhouette: dict[int, float]  # k -> silhouette score (every k tried with k="auto")
     config: MBCConfig
 
+    def degenerate(self) -> str | None:
+        """A one-line warning when one cluster holds almost every expert (at least
+        DEGENERATE_SHARE of them with k >= 2): such a library is one expert and a few
+        singletons, not clusters of related tasks. None otherwise."""
+        sizes = sorted((len(m) for m in self.clusters.values()), reverse=True)
+        if len(self.names) < 3 or len(sizes) < 2 or sizes[0] < DEGENERATE_SHARE * len(
+                self.names):
+            return None
+        largest = max(self.clusters, key=lambda c: len(self.clusters[c]))
+        singletons = sum(size == 1 for size in sizes)
+        return (f"degenerate clustering: {largest} holds {sizes[0]} of the {len(self.names)} "
+                f"experts ({100 * sizes[0] / len(self.names):.0f}%); {singletons} of the "
+                f"{len(sizes)} clusters hold one expert")
+
     def meta(self) -> dict:
         """A JSON-ready description (for `Library.put_clusters` and reports)."""
         return {
@@ -92,6 +127,8 @@ class Clustering:
             "labels": list(self.labels),
             "silhouette": {str(k): v for k, v in self.silhouette.items()},
             "similarity": np.round(self.similarity, 6).tolist(),
+            "sizes": {name: len(members) for name, members in self.clusters.items()},
+            "degenerate": self.degenerate(),
         }
 
 
@@ -140,6 +177,8 @@ def expert_embeddings(experts: list[Expert], config: MBCConfig) -> np.ndarray:
 
     if not experts:
         raise QuiverError("no experts to embed")
+    if config.space == "update":
+        return update_embeddings(experts, config)
     layout = _layout(experts[0])
     width = sum(int(np.prod(a)) + int(np.prod(b)) for a, b in layout.values())
     matrix = np.empty((len(experts), width), dtype=np.float32)  # (E, D)
@@ -151,6 +190,38 @@ def expert_embeddings(experts: list[Expert], config: MBCConfig) -> np.ndarray:
     svd = TruncatedSVD(n_components=components, algorithm="randomized", n_iter=5,
                        n_oversamples=10, random_state=config.seed, tol=0.0)
     return normalize(svd.fit_transform(matrix))  # (E, n)
+
+
+def update_embeddings(experts: list[Expert], config: MBCConfig) -> np.ndarray:
+    """Unit-norm embeddings `(E, min(dims, E - 1))` of the experts' update vectors, from
+    their exact Gram matrix (module docstring)."""
+    layout = _layout(experts[0])
+    for expert in experts:
+        _check_same_layout(experts[0], expert, layout)
+    gram = update_gram(experts)
+    values, vectors = np.linalg.eigh(gram)  # ascending
+    components = max(1, min(config.dims, len(experts) - 1))
+    top = np.argsort(values)[::-1][:components]
+    embeddings = vectors[:, top] * np.sqrt(np.clip(values[top], 0.0, None))  # (E, n)
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings / np.where(norms > 0, norms, 1.0)
+
+
+def update_gram(experts: list[Expert]) -> np.ndarray:
+    """`(E, E)` inner products <dW_i, dW_j> of the experts' updates over every module,
+    dW = s B A, from the factors alone: sum_m s_i s_j trace((B_i^T B_j) (A_j A_i^T))."""
+    scalings = torch.tensor([e.scaling for e in experts], dtype=torch.float64)
+    factors = [e.lora_factors() for e in experts]
+    gram = torch.zeros(len(experts), len(experts), dtype=torch.float64)
+    for module in sorted(factors[0]):
+        a = torch.stack([f[module][0] for f in factors]).double()  # (E, r, in)
+        b = torch.stack([f[module][1] for f in factors]).double()  # (E, out, r)
+        bb = torch.einsum("iok,jol->ijkl", b, b)  # (E, E, r, r): B_i^T B_j
+        aa = torch.einsum("ikn,jln->ijkl", a, a)  # (E, E, r, r): A_i A_j^T
+        gram += (bb * aa).sum((2, 3))  # trace((B_i^T B_j)(A_j A_i^T)), elementwise
+    for expert in experts:
+        expert.drop_weights()
+    return (gram * scalings[:, None] * scalings[None, :]).numpy()
 
 
 def expert_vector(expert: Expert) -> np.ndarray:
