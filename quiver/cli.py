@@ -452,6 +452,42 @@ def _task_names(task: list[str], tasks_file: Path | None) -> list[str]:
     return names
 
 
+# ------------------------------------------------------------------------- lm-eval
+@app.command("lm-eval-tasks")
+def lm_eval_tasks(
+    folder: Path = typer.Argument(..., help="where to write them: lm-eval's --include_path"),
+    task: list[str] = typer.Option([], "--task", help="a multiple-choice task; repeatable "
+                                   "(default: BIG-bench Lite's multiple-choice tasks)"),
+    tasks_file: Path = typer.Option(None, help="file with one task name per line"),
+    limit: int = typer.Option(0, help="examples per task, at most (0: all): the first of "
+                                      "quiver's seeded order, as quiver eval --split all"),
+) -> None:
+    """Write multiple-choice tasks as lm-evaluation-harness task configs (YAML + JSONL) that
+    run offline, with quiver eval's prompts and examples."""
+    from quiver.evaluation.lm_eval_tasks import GROUP, write_task_configs
+
+    names = _task_names(task, tasks_file) if task or tasks_file else None
+    written = write_task_configs(folder, names, limit)
+    table = Table("lm-eval task", "quiver task", "examples",
+                  title=f"{len(written)} lm-eval tasks in {folder} (group {GROUP})")
+    for w in written:
+        table.add_row(w.name, w.quiver_name, str(w.examples))
+    console.print(table)
+    console.print(f"run them: quiver lm-eval --model quiver --model_args library=LIB,"
+                  f"method=arrow --include_path {folder} --tasks {GROUP}", highlight=False)
+
+
+@app.command("lm-eval", add_help_option=False, context_settings={
+    "allow_extra_args": True, "ignore_unknown_options": True})
+def lm_eval_command(ctx: typer.Context) -> None:
+    """lm-evaluation-harness's command line with the `quiver` model registered (the same
+    as `python -m quiver.lm_eval_bridge`): lm-eval --model quiver --model_args
+    library=LIB,method=arrow,top_k=4 --tasks ...; needs pip install 'quiver[lm-eval]'."""
+    from quiver.lm_eval_bridge import main as lm_eval_main
+
+    lm_eval_main(ctx.args)
+
+
 # ---------------------------------------------------------------------------- demo
 @app.command()
 def demo(

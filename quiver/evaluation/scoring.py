@@ -8,7 +8,9 @@ the highest log-probability above the option's own after a content-free prompt
 (`accuracy_calibrated`, Zhao et al. 2021, "Calibrate Before Use"). The prompt
 is run once per example and its KV cache is shared by all the options, which are scored
 together in one right-padded batch; `score_choices_batch` does several examples at once
-(prompts left-padded), which is how the harness calls it.
+(prompts left-padded), which is how the harness calls it. `score_continuations` is the same
+on token ids, with whether each continuation is the greedy one (the lm-eval bridge's
+`loglikelihood`).
 
 Generation: greedy decoding in left-padded batches, then BIG-bench's post-processing (cut
 after `stop_string`, keep the first match of `output_regex`; its default regex keeps the text
@@ -70,8 +72,6 @@ def score_choices_batch(model, tokenizer: PreTrainedTokenizerBase,
                         examples: list[Example]) -> list[ChoiceScores]:
     """`score_choices` for several examples at once: the prompts in one left-padded batch,
     then every option of every example in one right-padded batch on the prompts' KV cache."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
     prompts, options = [], []  # token ids per example; per example, per option
     for example in examples:
         prompt, _ = split_trailing_space(example.prompt, "")
@@ -80,8 +80,25 @@ def score_choices_batch(model, tokenizer: PreTrainedTokenizerBase,
                        [tokenizer.bos_token_id or tokenizer.eos_token_id])
         options.append([tokenizer(trailing + o, add_special_tokens=False)["input_ids"] or
                         [tokenizer.eos_token_id] for o in example.options])
+    scored = score_continuations(model, prompts, options, tokenizer.pad_token_id)
+    return [ChoiceScores([log_prob for log_prob, _ in rows], [len(o) for o in opts])
+            for rows, opts in zip(scored, options, strict=True)]
+
+
+@torch.no_grad()
+def score_continuations(model, prompts: list[list[int]], continuations: list[list[list[int]]],
+                        pad: int) -> list[list[tuple[float, bool]]]:
+    """Token-level scoring: for each prompt (token ids, non-empty) and each of its
+    continuations (token ids, non-empty), the continuation's total log-probability and
+    whether greedy decoding would produce it (every token the argmax).
+
+    The prompts run once, in one left-padded batch; every continuation of every prompt then
+    runs in one right-padded batch on the prompts' KV cache (a prompt is never recomputed for
+    its options). `score_choices_batch` and the lm-evaluation-harness bridge call it.
+    """
+    device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
-    prompt_ids = torch.full((len(examples), width), pad, device=device)  # left-padded
+    prompt_ids = torch.full((len(prompts), width), pad, device=device)  # left-padded
     prompt_mask = torch.zeros_like(prompt_ids)
     for row, ids in enumerate(prompts):
         prompt_ids[row, width - len(ids) :] = torch.tensor(ids)
@@ -91,8 +108,8 @@ def score_choices_batch(model, tokenizer: PreTrainedTokenizerBase,
                 logits_to_keep=1)  # only the last position's: the vocabulary head is costly
     first = torch.log_softmax(out.logits[:, -1].float(), -1)  # (B, vocab): option token 0
 
-    owner = [b for b, opts in enumerate(options) for _ in opts]  # example of each option row
-    flat = [ids for opts in options for ids in opts]
+    owner = [b for b, opts in enumerate(continuations) for _ in opts]  # prompt of each row
+    flat = [ids for opts in continuations for ids in opts]
     option_width = max(len(ids) for ids in flat)
     option_ids = torch.full((len(flat), option_width), pad, device=device)  # right-padded
     option_mask = torch.zeros_like(option_ids)
@@ -111,11 +128,14 @@ def score_choices_batch(model, tokenizer: PreTrainedTokenizerBase,
     following = option_ids[:, 1:].clamp(min=0)  # (rows, W-1) the next token of each position
     picked = logits[:, :-1].gather(2, following[..., None])[..., 0] - logits[:, :-1].logsumexp(-1)
     picked = (picked * option_mask[:, 1:]).sum(1)  # (rows,) sum over each option's tokens
-    totals = [first[owner[row], ids[0]].item() + picked[row].item()
-              for row, ids in enumerate(flat)]
+    first_ids = option_ids[:, 0]
+    totals = first[owner_index, first_ids].double() + picked.double()  # as Python floats add
+    misses = ((logits[:, :-1].argmax(-1) != following) * option_mask[:, 1:]).sum(1)
+    greedy = (misses == 0) & (first.argmax(-1)[owner_index] == first_ids)
+    results = list(zip(totals.tolist(), greedy.tolist(), strict=True))
     scores, start = [], 0
-    for opts in options:
-        scores.append(ChoiceScores(totals[start : start + len(opts)], [len(o) for o in opts]))
+    for opts in continuations:
+        scores.append(results[start : start + len(opts)])
         start += len(opts)
     return scores
 
