@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import sys
 import types
 import typing
@@ -30,11 +31,23 @@ library_app = typer.Typer(help="Inspect and manage an expert library.", no_args_
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(library_app, name="library")
 console = Console()
+PIPED_WIDTH = 400  # columns of output that is no terminal: wide tables keep their names whole
+
+
+def fit_console(out: Console) -> Console:
+    """Give output that is no terminal (a log file, CI) `PIPED_WIDTH` columns unless COLUMNS
+    sets them: rich would fall back to 80 (or the width of a terminal on another stream) and
+    cut the expert and task names of a wide table, such as `quiver build`'s, to a few
+    characters. Tables are as wide as their contents, so nothing else changes."""
+    if not out.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
+        out.width = PIPED_WIDTH
+    return out
 
 
 def main() -> None:
     """Console-script entry point: one clear line and exit code 2 for bad input."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations
+    fit_console(console)
     try:
         app()
     except QuiverError as err:
