@@ -240,7 +240,7 @@ def _markdown(data: dict) -> str:
         "other's log-likelihoods gives the other's result); the largest difference of an "
         "option's log-likelihood from quiver's, bridge and HFLM.", "",
         "| method | task | n | accuracy / acc / HFLM acc | acc differs | char_norm / acc_norm "
-        "| differs (explained) | max |dlogp| bridge, HFLM |",
+        "| differs (explained) | max log p difference: bridge, HFLM |",
         "|---|---|---:|---|---:|---|---|---|",
     ]
     for method, per in data["methods"].items():
@@ -255,6 +255,25 @@ def _markdown(data: dict) -> str:
                 f"({'yes' if explained else 'NO'}) | "
                 f"{r['max_abs_log_prob_difference_bridge_vs_quiver']:.1e}, "
                 f"{r['max_abs_log_prob_difference_hflm_vs_quiver']:.1e} |")
+    rows = [r for per in data["methods"].values() for r in per["tasks"].values()]
+    explained = all(r["lm_eval_rule_on_quiver_log_probs_equals_acc_norm"]
+                    and r["quiver_rule_on_lm_eval_log_probs_equals_char_norm"] for r in rows)
+    worst = max(max(r["max_abs_log_prob_difference_bridge_vs_quiver"],
+                    r["max_abs_log_prob_difference_hflm_vs_quiver"]) for r in rows)
+    lines += ["", f"Over all {sum(r['examples'] for r in rows)} scored examples: lm-eval's "
+              f"`acc` differs from quiver's `accuracy` on "
+              f"{sum(r['acc_examples_differing'] for r in rows)} (through the bridge) and "
+              f"{sum(r['hflm_acc_examples_differing'] for r in rows)} (HFLM against the "
+              f"bridge); `acc_norm` from `accuracy_char_norm` on "
+              f"{sum(r['acc_norm_examples_differing'] for r in rows)}, "
+              + ("every one explained by the option's leading space: lm-eval divides by "
+                 "`len(option)`, quiver by `len(' ' + option)`, and each rule applied to the "
+                 "other's log-likelihoods gives the other's predictions exactly"
+                 if explained else "NOT all explained by the leading space")
+              + f". Every option's log-likelihood is within {worst:.1e} of quiver's, both "
+              "through the bridge and with lm-eval's HFLM, which scores each option in a "
+              "right-padded full forward pass (no shared KV cache): an independent "
+              "implementation."]
     seconds = data["seconds"]
     lines += ["", "Time on the same work (seconds, the fastest of "
               f"{data['rounds']} alternating rounds; model loaded, experts attached inside "

@@ -119,6 +119,7 @@ class QuiverLM(TemplateLM):
         self.library_url = str(library) if library else None
         self.general = _names(general)
         self.experts = _names(experts)
+        self.batch_size = _batch_size(batch_size)
         library_obj = self._check(method)
         self.base = base if model is None else str(model.config._name_or_path)
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -131,7 +132,8 @@ class QuiverLM(TemplateLM):
         elif tokenizer is None:
             raise QuiverError("a loaded model needs its tokenizer (tokenizer=...)")
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size = _batch_size(batch_size)
+        self._pad = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                     else tokenizer.eos_token_id)
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_length = int(max_length) if max_length else min(limit, 2048)
         self.names = self._attach(library_obj, top_k, temperature, gate_steps)
@@ -242,8 +244,7 @@ class QuiverLM(TemplateLM):
             for batch in batches:
                 scored = score_continuations(
                     self.model, [list(context) for context, _ in batch],
-                    [[pairs[i][1] for i in members] for _, members in batch],
-                    self.tokenizer.pad_token_id)
+                    [[pairs[i][1] for i in members] for _, members in batch], self._pad)
                 for (_, members), rows in zip(batch, scored, strict=True):
                     for i, (log_prob, greedy) in zip(members, rows, strict=True):
                         results[i] = (log_prob, greedy)
@@ -311,7 +312,7 @@ class QuiverLM(TemplateLM):
         keep = max(1, self.max_length - max_new)
         encoded = [self.tok_encode(c)[-keep:] or [self.prefix_token_id] for c in contexts]
         width = max(len(ids) for ids in encoded)
-        pad = self.tokenizer.pad_token_id
+        pad = self._pad
         ids = torch.full((len(encoded), width), pad, device=self._device)  # left-padded
         mask = torch.zeros_like(ids)
         for row, row_ids in enumerate(encoded):
