@@ -75,7 +75,8 @@ def build_table(outcomes: list[JobOutcome], title: str) -> Table:
 
 def eval_table(report: dict) -> Table:
     """Per-task metrics and the average of an evaluation report."""
-    metrics = [m for m in ("accuracy", "accuracy_norm", "exact_match", "rougeL")
+    metrics = [m for m in ("accuracy", "accuracy_norm", "accuracy_char_norm",
+                           "accuracy_calibrated", "exact_match", "rougeL")
                if m in report["average"]]
     table = Table("task", "n", *metrics,
                   title=f"{report['method']} on {report['model']} ({report['settings']['split']})")

@@ -123,7 +123,7 @@ def test_bigbench_tasks_carry_their_output_regex():
 
 def test_char_norm_and_calibrated_predictions_follow_their_formulas(tiny):
     """acc_norm as lm-evaluation-harness defines it (log-probability per character of the
-    continuation) and content-free calibration (minus the option's log-probability after
+    option) and content-free calibration (minus the option's log-probability after
     "N/A" and the answer cue), recomputed here from brute-force log-probabilities."""
     model, tokenizer = tiny
     examples = [Example(f"Q: item {i} is?\nA: ", "x", options=("x", "yy yy", "zzz"),
@@ -137,7 +137,7 @@ def test_char_norm_and_calibrated_predictions_follow_their_formulas(tiny):
                                            report["per_example"]["accuracy_calibrated"],
                                            strict=True):
         log_probs = [_brute_force_log_prob(model, tokenizer, e.prompt, o) for o in e.options]
-        per_char = [lp / len(" " + o) for lp, o in zip(log_probs, e.options, strict=True)]
+        per_char = [lp / len(o) for lp, o in zip(log_probs, e.options, strict=True)]
         shifted = [lp - f for lp, f in zip(log_probs, free, strict=True)]
         assert char_hit == float(max(range(3), key=per_char.__getitem__) == e.answer)
         assert calibrated_hit == float(max(range(3), key=shifted.__getitem__) == e.answer)

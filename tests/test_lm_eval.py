@@ -57,7 +57,8 @@ def test_lm_eval_through_the_bridge_agrees_with_quiver_eval(tiny, tiny_library, 
                                                             method):
     """acc is quiver's accuracy on the same examples; the options' log-likelihoods are
     quiver's and lm-eval's own HF model's (an independent scorer) on the same routed model;
-    acc_norm and accuracy_char_norm are the same rule but for the option's leading space."""
+    acc_norm and accuracy_char_norm are the same rule (log-likelihood per character of the
+    option)."""
     model, tokenizer = tiny
     library = tiny_library.url if method != "base" else None
     report = evaluate_method(method, TASKS, library, "tiny-llama",
@@ -89,15 +90,16 @@ def test_lm_eval_through_the_bridge_agrees_with_quiver_eval(tiny, tiny_library, 
                                    np.concatenate(quiver_scores[task]), rtol=0, atol=1e-4)
         np.testing.assert_allclose(np.concatenate(_log_likelihoods(independent, name)),
                                    np.concatenate(lls), rtol=0, atol=1e-4)
-        # acc_norm: lm-eval divides by len(option); quiver's char norm by len(" " + option)
+        # acc_norm: lm-eval divides by len(option), and so does quiver's accuracy_char_norm
         options = [e.options for e in examples[task]]
         answers = [e.answer for e in examples[task]]
         lm_rule = [float(np.argmax(np.array(ll) / [len(o) for o in opts]) == a)
                    for ll, opts, a in zip(lls, options, answers, strict=True)]
         assert result["acc_norm,none"] == pytest.approx(np.mean(lm_rule))
-        quiver_rule = [float(np.argmax(np.array(ll) / [len(" " + o) for o in opts]) == a)
-                       for ll, opts, a in zip(lls, options, answers, strict=True)]
-        assert quiver_rule == ours["per_example"]["accuracy_char_norm"]
+        assert lm_rule == ours["per_example"]["accuracy_char_norm"]
+        acc_norm = [s["acc_norm"] for s in sorted(bridge["samples"][name],
+                                                  key=lambda s: s["doc_id"])]
+        assert acc_norm == ours["per_example"]["accuracy_char_norm"]
 
 
 def test_written_configs_hold_quiver_eval_s_examples_in_its_order(configs):

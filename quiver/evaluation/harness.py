@@ -95,7 +95,7 @@ def _multiple_choice(model, tokenizer, examples, config: EvalConfig) -> dict:
     predictions = {
         "accuracy": [s.prediction(normalise=False) for s in scores],
         "accuracy_norm": [s.prediction(normalise=True) for s in scores],
-        "accuracy_char_norm": [s.prediction_per_char(e.prompt, e.options)
+        "accuracy_char_norm": [s.prediction_per_char(e.options)
                                for s, e in zip(scores, examples, strict=True)],
     }
     if config.calibrate:

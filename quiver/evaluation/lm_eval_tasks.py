@@ -14,9 +14,8 @@ whitespace, the options, the index of the right one; the trailing whitespace (BI
 "A: " leaves one space) is the config's `target_delimiter`, which lm-eval puts before each
 option, as its own tasks do. The log-likelihood of each option is then that of `quiver eval`;
 lm-eval's `acc` is quiver's `accuracy`. Its `acc_norm` divides by the option's length in
-characters without that delimiter, quiver's `accuracy_char_norm` by the length with it (see
-`quiver.evaluation.scoring.ChoiceScores.prediction_per_char`): they can differ where two
-options' per-character scores are close.
+characters without that delimiter, as quiver's `accuracy_char_norm` does
+(`quiver.evaluation.scoring.ChoiceScores.prediction_per_char`).
 """
 
 from __future__ import annotations

@@ -43,11 +43,10 @@ class ChoiceScores:
                   zip(self.log_probs, self.n_tokens, strict=True)]
         return _argmax(values)
 
-    def prediction_per_char(self, prompt: str, options: tuple[str, ...]) -> int:
-        """lm-evaluation-harness's `acc_norm`: log-probability over the continuation's length
-        in characters (the continuation is the prompt's trailing space and the option)."""
-        trailing = prompt[len(split_trailing_space(prompt, "")[0]) :]
-        return _argmax([lp / max(1, len(trailing + o)) for lp, o in
+    def prediction_per_char(self, options: tuple[str, ...]) -> int:
+        """lm-evaluation-harness's `acc_norm`: log-probability over the option's length in
+        characters (the option alone: lm-eval counts the choice, not the space before it)."""
+        return _argmax([lp / max(1, len(o)) for lp, o in
                         zip(self.log_probs, options, strict=True)])
 
     def prediction_calibrated(self, content_free: list[float]) -> int:
