@@ -73,6 +73,49 @@ TRAIN_TASKS = [  # BIG-bench, none in BIG-bench Lite or BIG-bench Hard; MC then 
     "bigbench:unit_conversion",
     "bigbench:word_unscrambling",
 ]
+LARGE_TRAIN_TASKS = [  # 24 tasks outside Lite and Hard, short (median prompt under ~600
+    # characters), each chosen for a kind of the held-out tasks: fact checking and NLI
+    # (vitaminc, strategyqa), logic (formal_fallacies, logical_deduction), commonsense and
+    # causes (winowhy), social and moral reasoning (strange_stories, bbq_lite), dialogue
+    # (play_dialog), emoji (emoji_movie), figurative language (conceptual_combinations),
+    # knowledge (hindu_knowledge), other languages (language_identification)
+    "bigbench:fact_checker",
+    "bigbench:presuppositions_as_nli",
+    "bigbench:entailed_polarity",
+    "bigbench:misconceptions",
+    "bigbench:anachronisms",
+    "bigbench:logical_fallacy_detection",
+    "bigbench:epistemic_reasoning",
+    "bigbench:cause_and_effect",
+    "bigbench:fantasy_reasoning",
+    "bigbench:goal_step_wikihow",
+    "bigbench:social_iqa",
+    "bigbench:social_support",
+    "bigbench:moral_permissibility",
+    "bigbench:implicatures",
+    "bigbench:intent_recognition",
+    "bigbench:movie_dialog_same_or_different",
+    "bigbench:emojis_emotion_prediction",
+    "bigbench:metaphor_boolean",
+    "bigbench:physics",
+    "bigbench:parsinlu_qa",
+    "bigbench:hinglish_toxicity",
+    "bigbench:qa_wikidata",
+    "bigbench:auto_categorization",
+    "bigbench:periodic_elements",
+]
+GPU_EXTRA_TASKS = [  # the GPU budget's 8 more (32 in all), short as well
+    "bigbench:kannada",
+    "bigbench:cs_algorithms",
+    "bigbench:entailed_polarity_hindi",
+    "bigbench:cryobiology_spanish",
+    "bigbench:swahili_english_proverbs",
+    "bigbench:metaphor_understanding",
+    "bigbench:understanding_fables",
+    "bigbench:timedial",
+]
+TASK_LISTS = {"default": TRAIN_TASKS, "large": LARGE_TRAIN_TASKS,
+              "gpu": LARGE_TRAIN_TASKS + GPU_EXTRA_TASKS}
 HELD_OUT = [  # the multiple-choice tasks of BIG-bench Lite (bigbench_lite_v1)
     "bigbench:emoji_movie",
     "bigbench:strategyqa",
@@ -111,6 +154,27 @@ BUDGETS = {  # steps are per expert; cluster and shared experts see more tasks, 
                "clusters": 3, "held_out": 12, "limit": 200, "gate_steps": 10, "batch": 8,
                "max_length": 256, "dtype": "fast", "lr": 5e-4, "split": "all",
                "workers": 2, "cpus_per_job": 1, "eval_workers": 2},
+    # large: a library with something to route (issue 20): 24 private experts on short
+    # tasks related in kind to the held-out ones, 128 tokens, MBC with K = 6 (about four
+    # experts a cluster) on the flattened parameters (the paper's) and on the updates s B A;
+    # held-out tasks scored on up to 100 examples each after a disjoint selection sample of
+    # 30, on which the transfer matrix picks the oracle expert per task.
+    "large": {"task_list": "large", "tasks": 24, "private_steps": 60, "cluster_steps": 80,
+              "shared_steps": 160, "clusters": 6, "held_out": 12, "limit": 100, "select": 30,
+              "gate_steps": 10, "batch": 8, "max_length": 128, "dtype": "fast", "lr": 5e-4,
+              "split": "all", "workers": 2, "cpus_per_job": 1, "eval_workers": 2,
+              "spaces": ["params", "update"], "random": False, "calibrate": True,
+              "methods": ["base", "shared", "uniform merge", "Arrow private", "Arrow MBC",
+                          "Arrow MBC update", "uniform MBC", "uniform MBC update"]},
+    # gpu: what one lent H100/H200 does in benchmarks/gpu.sh's few minutes: 32 private
+    # experts (the large list and 8 more), MBC with K = 8 on the updates, the six methods the
+    # headroom question needs; trainings 6 at once, evaluations 4 at once on the one GPU.
+    "gpu": {"task_list": "gpu", "tasks": 32, "private_steps": 150, "cluster_steps": 300,
+            "shared_steps": 600, "clusters": 8, "held_out": 12, "limit": 200, "select": 40,
+            "gate_steps": 10, "batch": 16, "max_length": 256, "dtype": "auto", "lr": 5e-4,
+            "split": "all", "workers": 6, "cpus_per_job": 2, "eval_workers": 4,
+            "spaces": ["update"], "random": False, "calibrate": True,
+            "methods": ["base", "shared", "uniform merge", "Arrow private", "Arrow MBC update"]},
     "full": {"tasks": 32, "private_steps": 200, "cluster_steps": 600, "shared_steps": 1600,
              "clusters": 8, "held_out": 18, "limit": 250, "gate_steps": 100, "batch": 16,
              "max_length": 512, "dtype": "auto", "lr": 5e-4, "split": "all",
@@ -119,27 +183,38 @@ BUDGETS = {  # steps are per expert; cluster and shared experts see more tasks, 
 BOOTSTRAP = 2000
 
 
-def methods(names: dict[str, list[str]]) -> list[dict]:
-    """Each evaluated method: its label, quiver method, library and experts."""
+def methods(names: dict[str, list[str]], budget: dict) -> list[dict]:
+    """Each evaluated method: its label, quiver method, library and experts (the budget's
+    `methods`, or every one whose library was built)."""
     private = names["private"]
-    return [
+    specs = [
         {"label": "base", "method": "base", "library": None, "experts": None},
         {"label": "shared", "method": "expert:shared", "library": "shared", "experts": None},
         {"label": "uniform merge", "method": "expert:uniform-merge", "library": "merges",
          "experts": None},
         {"label": "TIES", "method": "expert:ties-merge", "library": "merges", "experts": None},
         {"label": "Arrow private", "method": "arrow", "library": "private", "experts": private},
-        {"label": "Arrow MBC", "method": "arrow", "library": "mbc", "experts": names["mbc"]},
+        {"label": "Arrow MBC", "method": "arrow", "library": "mbc", "experts": names.get("mbc")},
         {"label": "Arrow random", "method": "arrow", "library": "random",
-         "experts": names["random"]},
-        {"label": "uniform MBC", "method": "uniform", "library": "mbc", "experts": names["mbc"]},
+         "experts": names.get("random")},
+        {"label": "uniform MBC", "method": "uniform", "library": "mbc",
+         "experts": names.get("mbc")},
         {"label": "Arrow MBC GenKnowSub", "method": "arrow", "library": "mbc",
-         "experts": names["mbc"], "general": ["shared"]},
+         "experts": names.get("mbc"), "general": ["shared"]},
         {"label": "PHATGOOSE private", "method": "phatgoose", "library": "private",
          "experts": private},
         {"label": "centroid private", "method": "centroid", "library": "private",
          "experts": private},
+        {"label": "Arrow MBC update", "method": "arrow", "library": "mbc-update",
+         "experts": names.get("mbc-update")},
+        {"label": "uniform MBC update", "method": "uniform", "library": "mbc-update",
+         "experts": names.get("mbc-update")},
     ]
+    chosen = budget.get("methods")
+    built = set(names) | {None, "merges"}
+    return [spec for spec in specs if (spec["label"] in chosen if chosen else True)
+            and spec["library"] in built and (spec["experts"] is not None or spec["library"]
+                                              in (None, "merges", "shared"))]
 
 
 def probes(names: dict[str, list[str]]) -> list[dict]:
@@ -153,6 +228,16 @@ def probes(names: dict[str, list[str]]) -> list[dict]:
                           "method": "arrow", "library": library, "experts": names[library],
                           "top_k": top_k, "temperature": temperature})
     return specs
+
+
+def train_tasks(budget: dict) -> list[str]:
+    return TASK_LISTS[budget.get("task_list", "default")][: budget["tasks"]]
+
+
+def mbc_label(space: str) -> str:
+    """The MBC library of a similarity space: `mbc` for the paper's (params), else
+    `mbc-<space>`."""
+    return "mbc" if space == "params" else f"mbc-{space}"
 
 
 def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, list[str]]:
@@ -170,7 +255,7 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
     from quiver.models import fingerprint, linear_module_shapes
     from quiver.training import TrainConfig
 
-    tasks = TRAIN_TASKS[: budget["tasks"]]
+    tasks = train_tasks(budget)
     workers = budget.get("workers", 1)
     parallel = {"workers": workers, "cpus_per_job": budget.get("cpus_per_job", 1)}
 
@@ -191,30 +276,44 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
     private_url = str(run / "private")
     names = {"private": build("private", BuildConfig(strategy="private", **parallel),
                               budget["private_steps"])}
-    clustered = {
-        "mbc": (BuildConfig(strategy="mbc", clusters=budget["clusters"], **parallel),
-                budget["cluster_steps"]),
-        "random": (BuildConfig(strategy="random", clusters=budget["clusters"], **parallel),
-                   budget["cluster_steps"]),
-    }
+    wanted = budget.get("libraries")  # None: every library of the budget
+
+    def asked(label: str) -> bool:
+        return wanted is None or label in wanted
+
+    clustered = {}
+    for space in budget.get("spaces", ["params"]):  # MBC on each similarity space asked for
+        clustered[mbc_label(space)] = (
+            BuildConfig(strategy="mbc", clusters=budget["clusters"], cluster_space=space,
+                        **parallel), budget["cluster_steps"])
+    clustered = {label: plan for label, plan in clustered.items() if asked(label)}
+    if budget.get("random", True) and asked("random"):
+        clustered["random"] = (BuildConfig(strategy="random", clusters=budget["clusters"],
+                                           **parallel), budget["cluster_steps"])
     shared = (BuildConfig(strategy="shared", **parallel), budget["shared_steps"])
     # The shared expert is one long training: with workers, it runs beside the cluster
     # experts (workers + 1 trainings at once), which are built one library after the other.
     with ThreadPoolExecutor(1) as beside:
-        shared_future = beside.submit(build, "shared", *shared) if workers > 1 else None
+        parallel_shared = workers > 1 and asked("shared")
+        shared_future = beside.submit(build, "shared", *shared) if parallel_shared else None
         for label, plan in clustered.items():
             names[label] = build(label, *plan)
-        names["shared"] = shared_future.result() if shared_future else build("shared", *shared)
+        if shared_future:
+            names["shared"] = shared_future.result()
+        elif asked("shared"):
+            names["shared"] = build("shared", *shared)
 
-    mbc = Library(str(run / "mbc"))
-    if "shared" not in mbc:  # GenKnowSub's general expert, beside the MBC experts
+    mbc = Library(str(run / "mbc")) if "mbc" in names and "shared" in names else None
+    if mbc is not None and "shared" not in mbc:  # GenKnowSub's general expert, beside MBC's
         mbc.add(Library(str(run / "shared")).get("shared"))
     merges = Library(str(run / "merges"), create=True)
     model = model_and_tokenizer[0]
     merges.ensure_base("smollm2-135m", fingerprint(model), linear_module_shapes(model))
     private = Library(private_url)
-    for method, name in (("uniform", "uniform-merge"), ("ties", "ties-merge")):
-        if name not in merges:
+    chosen = budget.get("methods")
+    for method, name, label in (("uniform", "uniform-merge", "uniform merge"),
+                                ("ties", "ties-merge", "TIES")):
+        if name not in merges and (chosen is None or label in chosen):  # TIES takes minutes
             merged, _ = merge_experts(private.experts(names["private"]), method, name)
             merges.add(merged)
     return names
@@ -245,7 +344,7 @@ def slowest_first(specs: list[dict]) -> list[dict]:
     routes one more expert), then a single adapter or the base model (medium, one thread:
     PHATGOOSE 1.5-2.5x, routed 1.15-1.4x a single adapter's time)."""
     def cost(spec: dict) -> float:
-        routed = {"phatgoose": 3, "arrow": 1, "centroid": 1, "uniform": 1}
+        routed = {"phatgoose": 3, "transfer": 4, "arrow": 1, "centroid": 1, "uniform": 1}
         return routed.get(spec["method"], 0) + 0.5 * bool(spec.get("general"))
 
     return sorted(specs, key=cost, reverse=True)  # stable: the table's order within a cost
@@ -268,20 +367,81 @@ def evaluate_one(run: Path, budget: dict, spec: dict, model_and_tokenizer=None) 
     plot = cache.with_name(cache.stem + "-routing.png")
     routed = spec["method"] in ("arrow", "phatgoose", "centroid")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    report = evaluate_method(spec["method"], held_out, library, "smollm2-135m",
-                             EvalConfig(split=budget["split"], limit=budget["limit"]),
-                             experts=spec["experts"], top_k=spec.get("top_k"),
-                             temperature=spec.get("temperature", 1.0),
-                             model_and_tokenizer=model_and_tokenizer,
-                             gate_steps=budget["gate_steps"], general=spec.get("general"),
-                             routing_plot=plot if routed else None, dtype=budget["dtype"],
-                             show_progress=model_and_tokenizer is not None)
+    config = EvalConfig(split=budget["split"], limit=budget["limit"],
+                        skip=budget.get("select", 0), calibrate=budget.get("calibrate", False))
+    common = {"model_and_tokenizer": model_and_tokenizer, "dtype": budget["dtype"],
+              "show_progress": model_and_tokenizer is not None}
+    if spec["method"] == "transfer":
+        report = selection_transfer(run, budget, spec, model_and_tokenizer)
+    elif spec["method"] == "per-task":  # the oracle: each task with the expert picked for it
+        parts = {task: evaluate_method(f"expert:{name}", [task], library, "smollm2-135m",
+                                       config, **common)
+                 for task, name in spec["per_task"].items()}
+        report = {"tasks": {t: part["tasks"][t] for t, part in parts.items()},
+                  "average": {m: float(np.mean([part["average"][m] for part in parts.values()]))
+                              for m in next(iter(parts.values()))["average"]},
+                  "per_task": spec["per_task"]}
+    else:
+        report = evaluate_method(spec["method"], held_out, library, "smollm2-135m", config,
+                                 experts=spec["experts"], top_k=spec.get("top_k"),
+                                 temperature=spec.get("temperature", 1.0),
+                                 gate_steps=budget["gate_steps"], general=spec.get("general"),
+                                 routing_plot=plot if routed else None, **common)
     report.update(label=spec["label"], seconds=round(time.perf_counter() - started, 1))
     staging = cache.with_suffix(".tmp")
     staging.write_text(json.dumps(report))
     staging.replace(cache)  # a run stopped midway never leaves half a report
-    print(f"{spec['label']}: {report['average']['accuracy']:.1f}", flush=True)
+    print(f"{spec['label']}: {report['average'].get('accuracy', 0):.1f}", flush=True)
     return spec["label"]
+
+
+def selection_specs(names: dict[str, list[str]], workers: int) -> list[dict]:
+    """The transfer matrix on the selection sample, its rows cut into `workers` parts that
+    run at once (each part also scores the base model: its row is cheap and checks that the
+    parts agree)."""
+    experts = names["private"]
+    parts = max(1, workers)
+    return [{"label": f"selection {i}", "method": "transfer", "library": "private",
+             "experts": experts[i::parts]} for i in range(parts)]
+
+
+def selection_transfer(run: Path, budget: dict, spec: dict, model_and_tokenizer=None) -> dict:
+    """Each private expert alone, and the base model, on the first `select` examples of every
+    held-out task's `all` order: the selection sample. The methods are scored on the
+    examples after it, so the oracle's choice never sees its test examples."""
+    from quiver.data import load_task
+    from quiver.evaluation.transfer import TransferConfig, transfer_matrix
+    from quiver.library import Library
+    from quiver.models import load_base
+
+    model, tokenizer = model_and_tokenizer or load_base("smollm2-135m", dtype=budget["dtype"])
+    tasks = [load_task(t) for t in HELD_OUT[: budget["held_out"]]]
+    config = TransferConfig(metric="accuracy", split="all", limit=budget["select"],
+                            batch_size=8)
+    report = transfer_matrix(model, tokenizer, Library(str(run / "private")), tasks,
+                             spec["experts"], config, show_progress=False)
+    report["chance"] = {t.name: float(np.mean([1 / len(e.options)
+                                               for e in t.split("all")[: budget["select"]]]))
+                        for t in tasks}
+    report["average"] = {}
+    return report
+
+
+def oracle_spec(selection: dict) -> dict:
+    """The oracle: for each held-out task, the private expert with the best selection-sample
+    accuracy (ties: the first in name order)."""
+    values = {row: v for row, v in selection["values"].items() if row != "base"}
+    per_task = {task: max(sorted(values), key=lambda row: values[row][task])
+                for task in selection["tasks"]}
+    return {"label": "oracle", "method": "per-task", "library": "private", "experts": None,
+            "per_task": per_task}
+
+
+def merge_selection(parts: list[dict]) -> dict:
+    """The parts of the selection transfer matrix as one (rows in the parts' order)."""
+    merged = dict(parts[0])
+    merged["values"] = {row: v for part in parts for row, v in part["values"].items()}
+    return merged
 
 
 def expert_similarity(run: Path, names: list[str]) -> dict:
@@ -350,8 +510,12 @@ def summarise(reports: list[dict]) -> dict:
             "task_ci": task_ci,
             "seconds": reports[m].get("seconds"),
         }
-    target = labels.index("Arrow MBC")
-    for other in ("base", "uniform merge", "shared", "Arrow private"):
+    target = next(labels.index(x) for x in ("Arrow MBC", "Arrow MBC update", "Arrow private")
+                  if x in labels)
+    target_label = labels[target]
+    summary["target"] = target_label
+    for other in [x for x in ("base", "uniform merge", "shared", "Arrow private")
+                  if x in labels and x != target_label]:
         diff = samples[:, target] - samples[:, labels.index(other)]
         summary["paired"][other] = {"difference": float(diff.mean()), "ci": interval(diff)}
     summary["versus_base"] = {}
@@ -386,12 +550,12 @@ def write(args, budget, reports, summary, clusters, timings, extra=(), similarit
                             text=True).stdout.strip()
     machine = machine_name()
     command = "python benchmarks/zero_shot.py " + " ".join(sys.argv[1:])
-    stem = RESULTS / f"zero_shot_{args.budget}"
-    RESULTS.mkdir(exist_ok=True)
+    stem = args.results / f"zero_shot_{args.budget}"
+    args.results.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k not in ("routing",)} for r in reports]
     stem.with_suffix(".json").write_text(json.dumps(
         {"command": command, "commit": commit, "machine": machine, "budget": budget,
-         "train_tasks": TRAIN_TASKS[: budget["tasks"]],
+         "train_tasks": train_tasks(budget),
          "held_out": HELD_OUT[: budget["held_out"]], "clusters": clusters,
          "timings_s": timings, "similarity": similarity, "summary": summary,
          "reports": slim}, indent=1))
@@ -423,7 +587,8 @@ def write(args, budget, reports, summary, clusters, timings, extra=(), similarit
         cells = [f"{m['tasks'][t]:.1f}" for t in tasks]
         lines.append(f"| {label} | **{m['average']:.1f}** | {m['ci'][0]:.1f} to "
                      f"{m['ci'][1]:.1f} | " + " | ".join(cells) + " |")
-    lines += ["", "Arrow over MBC minus each baseline (paired bootstrap, same examples):", "",
+    lines += ["", f"{summary.get('target', 'Arrow MBC')} minus each baseline (paired bootstrap, "
+              "same examples):", "",
               "| against | difference | 95% interval |", "|---|---:|---:|"]
     for other, d in summary["paired"].items():
         lines.append(f"| {other} | {d['difference']:+.1f} | {d['ci'][0]:+.1f} to "
@@ -503,6 +668,12 @@ def main() -> None:
     parser.add_argument("--run", help="run folder (default runs/zero-shot-<budget>)")
     parser.add_argument("--probes", action="store_true",
                         help="also evaluate Arrow with other top-k and temperatures")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder for the tables and plots (default benchmarks/results)")
+    parser.add_argument("--libraries", help="comma-separated libraries to build and use "
+                        "(private and the merges always; default: all of the budget's)")
+    parser.add_argument("--build-only", action="store_true",
+                        help="build (or finish) the libraries and stop")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override budget entries, e.g. --set private_steps=100 workers=4")
     args = parser.parse_args()
@@ -515,6 +686,8 @@ def main() -> None:
             raise SystemExit(f"unknown budget entry {key!r}: {sorted(budget)}")
         budget[key] = type(budget.get(key, 1))(value)
     run = Path(args.run or f"runs/zero-shot-{args.budget}").absolute()
+    if args.libraries:
+        budget["libraries"] = args.libraries.split(",")
 
     from quiver.library import Library
     from quiver.models import load_base
@@ -523,12 +696,29 @@ def main() -> None:
     started = time.perf_counter()
     names = build_libraries(run, budget, model_and_tokenizer)
     built = time.perf_counter()
-    reports = evaluate_all(run, budget, methods(names), model_and_tokenizer)
+    print(f"== libraries built in {(built - started) / 60:.1f} min", flush=True)
+    if args.build_only:
+        return
+    specs = methods(names, budget)
+    selection = None
+    if budget.get("select"):  # the transfer matrix first: it picks the oracle's experts
+        parts = evaluate_all(run, budget, selection_specs(names, budget.get("eval_workers", 1)),
+                             model_and_tokenizer)
+        selection = merge_selection(parts)
+        specs.append(oracle_spec(selection))
+    reports = evaluate_all(run, budget, specs, model_and_tokenizer)
     timings = {"build": built - started, "evaluate": time.perf_counter() - built}
     extra = evaluate_all(run, budget, probes(names), model_and_tokenizer) if args.probes else []
-    clusters = (Library(str(run / "mbc")).get_clusters("mbc") or ({}, {}))[0]
+    first_mbc = next((label for label in names if label.startswith("mbc")), None)
+    clusters = (Library(str(run / first_mbc)).get_clusters("mbc") or ({}, {}))[0] \
+        if first_mbc else {}
     similarity = expert_similarity(run, names["private"])
     write(args, budget, reports, summarise(reports), clusters, timings, extra, similarity)
+    if selection is not None:
+        from zero_shot_analysis import write_analysis
+
+        write_analysis(args.results / f"zero_shot_{args.budget}", run, budget, names, reports,
+                       selection)
 
 
 if __name__ == "__main__":
