@@ -9,13 +9,19 @@ modules, top-4. For each E, in its own process (so peak memory is its own):
   - peak RSS, against base-model RSS + the experts' fp32 weights;
   - PEFT's `create_arrow_model` with the same experts (PEFT folders), where it is not too slow.
 
+On a GPU (`--device cuda`) the model is bf16 (quiver's default there), every timing is
+bracketed by `torch.cuda.synchronize()` and peak memory is also read from
+`torch.cuda.max_memory_allocated`.
+
 Usage: .venv/bin/python benchmarks/routing.py [--experts 8 32 128 256] [--peft-max 32]
-Writes benchmarks/results/routing.json and .md
+       [--device cpu|cuda] [--results DIR]
+Writes benchmarks/results/routing.json and .md (or DIR/routing.json and .md)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -59,14 +65,34 @@ def make_library(root: Path, n_experts: int):
     return library
 
 
-def _timed(fn, repeats: int) -> float:
+def _sync(device: str) -> None:
+    """Wait for the GPU's queued work (a timing on CUDA must not stop at the launch)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, repeats: int, device: str = "cpu") -> float:
     fn()  # warm-up (and the mixture strategy's one-time measurement)
     times = []
     for _ in range(repeats):
+        _sync(device)
         started = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - started)
     return min(times)
+
+
+def dtype_label(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        dtype, str(dtype))
+
+
+def machine_name(device: str) -> str:
+    """The CPU and its threads; on CUDA the GPU first."""
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(torch.device(device))} (CUDA), {cpu_name()}"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def _swap(model, routed: dict, with_experts: bool) -> None:
@@ -76,16 +102,20 @@ def _swap(model, routed: dict, with_experts: bool) -> None:
         setattr(model.get_submodule(parent), child, layer if with_experts else layer.base)
 
 
-def run_one(n_experts: int, library_dir: str, peft: bool, repeats: int, rounds: int) -> dict:
+def run_one(n_experts: int, library_dir: str, peft: bool, repeats: int, rounds: int,
+            device: str = "cpu") -> dict:
     from quiver.library import Library
     from quiver.models import load_base
     from quiver.reuse import reuse
 
-    model, tokenizer = load_base("smollm2-135m", device="cpu")
+    cuda = torch.device(device).type == "cuda"
+    model, tokenizer = load_base("smollm2-135m", device=device)
     library = Library(library_dir)
     names = library.names()[:n_experts]
-    prompt_ids = torch.randint(100, 20_000, (4, 128), generator=torch.Generator().manual_seed(1))
+    prompt_ids = torch.randint(100, 20_000, (4, 128),
+                               generator=torch.Generator().manual_seed(1)).to(device)
     decode_ids = prompt_ids[:, :16]
+    timed = functools.partial(_timed, device=device)
 
     def prefill(m):
         return lambda: m(input_ids=prompt_ids)
@@ -96,10 +126,12 @@ def run_one(n_experts: int, library_dir: str, peft: bool, repeats: int, rounds: 
 
     row = {"experts": n_experts}
     with torch.no_grad():
-        _timed(prefill(model), 1), _timed(decode(model), 1)
+        timed(prefill(model), 1), timed(decode(model), 1)
         rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # base's own peak
+        cuda_base = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else 0.0
         started = time.perf_counter()
         reuse(model, library, method="arrow", experts=names, top_k=4)
+        _sync(device)
         row["load_s"] = round(time.perf_counter() - started, 2)
         # Base and routed runs alternate, so a busy spell of the machine hits both alike.
         routed = {m.name: m for m in model.quiver_routing.layers}
@@ -108,8 +140,8 @@ def run_one(n_experts: int, library_dir: str, peft: bool, repeats: int, rounds: 
             for with_experts in (False, True):
                 _swap(model, routed, with_experts)
                 tag = "" if with_experts else "base_"
-                times[tag + "prefill"].append(_timed(prefill(model), repeats))
-                times[tag + "decode"].append(_timed(decode(model), max(1, repeats - 1)))
+                times[tag + "prefill"].append(timed(prefill(model), repeats))
+                times[tag + "decode"].append(timed(decode(model), max(1, repeats - 1)))
         base_prefill, base_decode = min(times["base_prefill"]), min(times["base_decode"])
         row["prefill_ratio"] = round(min(times["prefill"]) / base_prefill, 3)
         row["decode_ratio"] = round(min(times["decode"]) / base_decode, 3)
@@ -124,13 +156,18 @@ def run_one(n_experts: int, library_dir: str, peft: bool, repeats: int, rounds: 
         row["base_rss_mib"] = round(rss_base)
         row["experts_mib"] = round(experts_mib)
         row["memory_over_budget"] = round(peak / (rss_base + experts_mib), 3)
+        if cuda:  # the GPU's own peak: the tensors torch allocated there
+            row["dtype"] = dtype_label(next(model.parameters()).dtype)
+            row["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+            row["base_cuda_mib"] = round(cuda_base)
         if peft:
             row.update(_peft(n_experts, library, names, prefill, decode, base_prefill,
-                             base_decode, repeats))
+                             base_decode, repeats, device))
     return row
 
 
-def _peft(n_experts, library, names, prefill, decode, base_prefill, base_decode, repeats):
+def _peft(n_experts, library, names, prefill, decode, base_prefill, base_decode, repeats,
+          device="cpu"):
     from peft import ArrowConfig, create_arrow_model
 
     from quiver.models import load_base
@@ -141,14 +178,16 @@ def _peft(n_experts, library, names, prefill, decode, base_prefill, base_decode,
         for name in names:
             library.export_peft(name, f"{tmp}/{name}")
             folders.append(f"{tmp}/{name}")
-        base, _ = load_base("smollm2-135m", device="cpu")
+        base, _ = load_base("smollm2-135m", device=device)
         started = time.perf_counter()
         peft_model = create_arrow_model(base, folders, ArrowConfig(top_k=4, rng_seed=0))
+        _sync(device)
         load = time.perf_counter() - started
     return {
         "peft_load_s": round(load, 2),
-        "peft_prefill_ratio": round(_timed(prefill(peft_model), repeats) / base_prefill, 3),
-        "peft_decode_ratio": round(_timed(decode(peft_model), 1) / base_decode, 3),
+        "peft_prefill_ratio": round(_timed(prefill(peft_model), repeats, device) / base_prefill,
+                                    3),
+        "peft_decode_ratio": round(_timed(decode(peft_model), 1, device) / base_decode, 3),
     }
 
 
@@ -161,11 +200,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternations of base and routed measurements")
     parser.add_argument("--library", default=str(Path(tempfile.gettempdir()) / "quiver-bench"))
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda (cuda:N) for the GPU: bf16, synchronised timings")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder for routing.json and .md (default benchmarks/results)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         row = run_one(args.one, f"{args.library}/library", args.one <= args.peft_max,
-                      args.repeats, args.rounds)
+                      args.repeats, args.rounds, args.device)
         print("RESULT " + json.dumps(row), flush=True)
         return
     make_library(Path(args.library), max(args.experts))
@@ -173,7 +216,7 @@ def main() -> None:
     for n in args.experts:
         command = [sys.executable, __file__, "--one", str(n), "--library", args.library,
                    "--peft-max", str(args.peft_max), "--repeats", str(args.repeats),
-                   "--rounds", str(args.rounds)]
+                   "--rounds", str(args.rounds), "--device", args.device]
         done = subprocess.run(command, capture_output=True, text=True)
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         rows.append(json.loads(line[7:]) if line else
@@ -185,32 +228,47 @@ def main() -> None:
 def _write(rows, args) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    cuda = torch.device(args.device).type == "cuda"
+    machine = machine_name(args.device)
     command = "python benchmarks/routing.py " + " ".join(sys.argv[1:])
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "routing.json").write_text(json.dumps(
-        {"command": command, "commit": commit, "machine": machine, "rows": rows}, indent=2))
+    results = args.results
+    results.mkdir(parents=True, exist_ok=True)
+    device = {"device": args.device} if cuda else {}  # the CPU record as it always was
+    (results / "routing.json").write_text(json.dumps(
+        {"command": command, "commit": commit, "machine": machine, **device, "rows": rows},
+        indent=2))
+    dtype = next((r["dtype"] for r in rows if "dtype" in r), "bf16") if cuda else "fp32"
+    gpu_columns = " peak CUDA (MiB) | base CUDA peak (MiB) |" if cuda else ""
     lines = [
-        "# Routing speed and memory (CPU)", "",
+        "# Routing speed and memory (" + ("GPU" if cuda else "CPU") + ")", "",
         f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}.",
-        "SmolLM2-135M-Instruct fp32, E synthetic rank-4 experts on all 7 linear modules, "
+        f"SmolLM2-135M-Instruct {dtype}, E synthetic rank-4 experts on all 7 linear modules, "
         "Arrow top-4. Ratios are to the bare model in the same process; prefill 4 x 128 "
-        "tokens, decode 32 new tokens for 4 prompts.", "",
-        "| E | load (s) | prefill | decode | peak RSS (MiB) | base peak + experts (MiB) | "
-        "PEFT load (s) | PEFT prefill | PEFT decode | quiver speed-up over PEFT (prefill) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "tokens, decode 32 new tokens for 4 prompts." + (
+            " Timings on the GPU, each between two `torch.cuda.synchronize()`; peak CUDA "
+            "memory is `torch.cuda.max_memory_allocated`, the base's before the experts "
+            "are attached (RSS is the host process's)." if cuda else ""), "",
+        "| E | load (s) | prefill | decode | peak RSS (MiB) | base peak + experts (MiB) |"
+        + gpu_columns +
+        " PEFT load (s) | PEFT prefill | PEFT decode | quiver speed-up over PEFT (prefill) |",
+        "|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if cuda else "")
+        + "---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['experts']} | failed: {r['error']} |||||||||")
+            lines.append(f"| {r['experts']} | failed: {r['error']} |||||||||"
+                         + ("||" if cuda else ""))
             continue
         peft = [f"{r['peft_load_s']}", f"{r['peft_prefill_ratio']}x", f"{r['peft_decode_ratio']}x",
                 f"{r['peft_prefill_ratio'] / r['prefill_ratio']:.1f}x"] if "peft_load_s" in r \
-            else ["skipped (too slow)", "", "", ""]
+            else [f"skipped (--peft-max {args.peft_max})" if cuda else "skipped (too slow)", "",
+                  "", ""]
+        gpu = f" {r['peak_cuda_mib']} | {r['base_cuda_mib']} |" if cuda else ""
         lines.append(f"| {r['experts']} | {r['load_s']} | {r['prefill_ratio']}x | "
                      f"{r['decode_ratio']}x | {r['peak_rss_mib']} | "
-                     f"{r['base_rss_mib'] + r['experts_mib']} | " + " | ".join(peft) + " |")
-    (RESULTS / "routing.md").write_text("\n".join(lines) + "\n")
+                     f"{r['base_rss_mib'] + r['experts_mib']} |" + gpu + " "
+                     + " | ".join(peft) + " |")
+    (results / "routing.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
