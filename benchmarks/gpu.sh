@@ -33,7 +33,7 @@
 #                    play_dialog_same_or_different strange_stories language_identification \
 #                    logical_deduction code_line_description known_unknowns \
 #                    misconceptions_russian novel_concepts logic_grid_puzzle symbol_interpretation
-#                  plus the serving wheels (.device/b/serve-whl)
+#                  plus the serving wheels (.device/a/serve-whl)
 #   device call 1, carry [".device/a"]:   mkdir -p /root/dev && cp -r .device/a /root/dev/
 #   device call 2 at once, carry [".device/b"], timeout_s 600:   bash benchmarks/gpu.sh
 #                  (runs /root/dev/a/setup.sh and sources /root/dev/a/env.sh itself; copies
@@ -153,12 +153,14 @@ serve_check() {
   serve_checked=1
   wait "$env_check" && return
   serve_note="did not import as it is (env.txt)"
-  if [ -d .device/b/serve-whl ]; then
-    log "setup: quiver serve does not import as it is; installing .device/b/serve-whl"
+  local wheels
+  for wheels in /root/dev/a/serve-whl .device/a/serve-whl ""; do [ -d "$wheels" ] && break; done
+  if [ -n "$wheels" ]; then
+    log "setup: quiver serve does not import as it is; installing $wheels"
     rm -rf /tmp/site-serve
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target \
-         /tmp/site-serve .device/b/serve-whl/*.whl >> "$OUT/logs/setup.log" 2>&1; then
-      serve_path=/tmp/site-serve; serve_note="$serve_note; with .device/b/serve-whl in $serve_path"
+         /tmp/site-serve "$wheels"/*.whl >> "$OUT/logs/setup.log" 2>&1; then
+      serve_path=/tmp/site-serve; serve_note="$serve_note; with $wheels in $serve_path"
     else
       log "setup: installing the serving wheels failed (logs/setup.log)"
     fi

@@ -7,8 +7,8 @@
 #    .device/a (the GGUF's first half, the task files, setup.sh, env.sh) and .device/b (its
 #    second half, the gguf / transformers / peft wheels);
 # 2. the wheels `quiver serve` needs beyond what the device is known to have (fastapi,
-#    starlette, pydantic, uvicorn and theirs, this venv's versions) into .device/b/serve-whl:
-#    gpu.sh installs them (into a folder of their own, for the serving stage only) if
+#    starlette, pydantic, uvicorn and theirs, this venv's versions) into .device/a/serve-whl
+#    (.device/b is full: the GGUF's half and the transformers wheel): gpu.sh installs them (into a folder of their own, for the serving stage only) if
 #    `quiver.serving.server` does not import there as it is;
 # 3. checks that each carry (the folder plus the working tree that travels with it) is under
 #    64 MiB.
@@ -43,11 +43,11 @@ from importlib.metadata import version
 print(" ".join(f"{name}=={version(name)}" for name in sys.argv[1:]))
 EOF
 )"
-mkdir -p .device/b/serve-whl
+mkdir -p .device/a/serve-whl
 $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-   -d .device/b/serve-whl $pins
-echo "serving wheels: $(ls .device/b/serve-whl | tr '\n' ' ')"
+   -d .device/a/serve-whl $pins
+echo "serving wheels: $(ls .device/a/serve-whl | tr '\n' ' ')"
 
 # What travels with each carry: the folder and the working tree (tracked files and untracked
 # ones git does not ignore).
