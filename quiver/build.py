@@ -39,6 +39,7 @@ from quiver.library import Expert, ExpertInfo, Library
 from quiver.library.store import check_name
 from quiver.models import fingerprint, linear_module_shapes, load_base
 from quiver.training import TrainConfig, TrainResult, train_expert
+from quiver.transforms.mbc import SPACES  # the module loads scikit-learn only when it clusters
 
 STRATEGIES = ("private", "shared", "mbc", "random", "poly", "mhr", "mtl-lora")
 ADAPTER_STRATEGIES = ("poly", "mhr", "mtl-lora")  # one entry of a multi-task kind, named so
@@ -93,9 +94,9 @@ class BuildConfig:
             raise ValueError("cpus_per_job must be positive, gpus_per_job and retries >= 0")
         if self.workers < 0:
             raise ValueError("workers must be at least 1, or 0 for a choice by the machine")
-        if self.cluster_space not in ("params", "update"):
-            raise ValueError(f"unknown cluster space {self.cluster_space!r}: use params or "
-                             "update")
+        if self.cluster_space not in SPACES:
+            raise ValueError(f"unknown cluster space {self.cluster_space!r}: use "
+                             f"{' or '.join(SPACES)}")
 
 
 @dataclass(frozen=True)

@@ -405,8 +405,9 @@ def cluster(
     sizes = sorted((len(m) for m in clustering.clusters.values()), reverse=True)
     console.print(f"{len(sizes)} clusters of {clustering.config.space} similarity; sizes "
                   f"{', '.join(map(str, sizes))}")
-    if clustering.degenerate():
-        console.print(f"[bold yellow]warning:[/] {clustering.degenerate()}")
+    warning = clustering.degenerate()
+    if warning:
+        console.print(f"[bold yellow]warning:[/] {warning}")
     if config.k == "auto":
         scores = ", ".join(f"{k}: {v:.3f}" for k, v in clustering.silhouette.items())
         console.print(f"silhouette by k: {scores}; chose k={clustering.k}")

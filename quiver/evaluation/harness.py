@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -118,12 +119,9 @@ def option_shares(examples: list, chosen: list[int], max_labels: int = 10) -> di
     `max_labels` distinct options (True / False / Neither), else its position ("#0", "#1",
     ...). Shows a prior over answers that a method adds or removes."""
     texts = {o for e in examples for o in e.options}
-    labels = [e.options[c] if len(texts) <= max_labels else f"#{c}"
-              for e, c in zip(examples, chosen, strict=True)]
-    counts: dict[str, int] = {}
-    for label in labels:
-        counts[label] = counts.get(label, 0) + 1
-    return {label: 100 * n / len(labels) for label, n in sorted(counts.items())}
+    counts = Counter(e.options[c] if len(texts) <= max_labels else f"#{c}"
+                     for e, c in zip(examples, chosen, strict=True))
+    return {label: 100 * n / len(chosen) for label, n in sorted(counts.items())}
 
 
 def content_free_scores(model, tokenizer, examples: list, batch_size: int) -> list[list[float]]:
