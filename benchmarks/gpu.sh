@@ -13,7 +13,7 @@
 # A stage that fails or runs out of time does not stop the next ones; the script then exits 1.
 # Everything lands in $OUT: results/ (every table: routing.{md,json}, serving.{md,json},
 # zero_shot_gpu.{md,json,png}, zero_shot_gpu_analysis.md, ...), logs/<stage>.log,
-# zero_shot_eval.tar.gz (the run folder's eval/*.json, partial ones too), env.txt (versions)
+# zero_shot_eval.tar.gz (the run folder's eval/*/*.json, partial ones too), env.txt (versions)
 # and SUMMARY.md (what finished, the wall time of each stage, nvidia-smi's GPU name).
 #
 # Usage
@@ -210,7 +210,7 @@ stage zero_shot "$deadline" "$PY" benchmarks/zero_shot.py --budget gpu --run "$r
 
 # ------------------------------------------------------------------------------- output
 if [ -d "$run_dir/eval" ]; then
-  (cd "$run_dir/eval" && find . -maxdepth 1 -name '*.json' | sort | tar -czf \
+  (cd "$run_dir/eval" && find . -name '*.json' | sort | tar -czf \
      "$OUT/zero_shot_eval.tar.gz" -T -) || log "could not archive $run_dir/eval"
 fi
 gpu="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
@@ -236,7 +236,7 @@ total=$(( $(date +%s) - started ))
   tables="$(cd "$OUT/results" && find . -type f | sort | sed 's|^\./|- |')"
   echo "${tables:-(none)}"
   [ -f "$OUT/zero_shot_eval.tar.gz" ] && echo && echo "zero_shot_eval.tar.gz:" \
-    "$(tar -tzf "$OUT/zero_shot_eval.tar.gz" | wc -l) evaluation reports (the run's eval/*.json)"
+    "$(tar -tzf "$OUT/zero_shot_eval.tar.gz" | wc -l) evaluation reports (the run's eval/*/*.json)"
   for i in "${!names[@]}"; do
     if [ "${results[$i]}" != ok ] && [ -f "$OUT/logs/${names[$i]}.log" ]; then
       echo; echo "## ${names[$i]}: ${results[$i]} (last lines of its log)"; echo

@@ -240,6 +240,23 @@ def mbc_label(space: str) -> str:
     return "mbc" if space == "params" else f"mbc-{space}"
 
 
+def cluster_labels(budget: dict) -> list[str]:
+    """The clustered libraries the budget builds: MBC on each similarity space, then random
+    clusters, less those `libraries` leaves out."""
+    labels = [mbc_label(space) for space in budget.get("spaces", ["params"])]
+    if budget.get("random", True):
+        labels.append("random")
+    wanted = budget.get("libraries")
+    return [label for label in labels if wanted is None or label in wanted]
+
+
+def clustered_libraries(budget: dict) -> str:
+    """The clustered libraries' names for the results text ("MBC and MBC-update")."""
+    names = {"random": "random-cluster", "mbc": "MBC"}
+    labels = [names.get(label, label.replace("mbc-", "MBC-")) for label in cluster_labels(budget)]
+    return " and ".join(labels) or "no clustered"
+
+
 def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, list[str]]:
     """Train (or find) the four libraries and the two merges; returns each one's experts.
 
@@ -281,15 +298,14 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
     def asked(label: str) -> bool:
         return wanted is None or label in wanted
 
+    space_of = {mbc_label(space): space for space in budget.get("spaces", ["params"])}
     clustered = {}
-    for space in budget.get("spaces", ["params"]):  # MBC on each similarity space asked for
-        clustered[mbc_label(space)] = (
-            BuildConfig(strategy="mbc", clusters=budget["clusters"], cluster_space=space,
-                        **parallel), budget["cluster_steps"])
-    clustered = {label: plan for label, plan in clustered.items() if asked(label)}
-    if budget.get("random", True) and asked("random"):
-        clustered["random"] = (BuildConfig(strategy="random", clusters=budget["clusters"],
-                                           **parallel), budget["cluster_steps"])
+    for label in cluster_labels(budget):  # MBC on each similarity space asked for, random
+        config = (BuildConfig(strategy="random", clusters=budget["clusters"], **parallel)
+                  if label == "random" else
+                  BuildConfig(strategy="mbc", clusters=budget["clusters"],
+                              cluster_space=space_of[label], **parallel))
+        clustered[label] = (config, budget["cluster_steps"])
     shared = (BuildConfig(strategy="shared", **parallel), budget["shared_steps"])
     # The shared expert is one long training: with workers, it runs beside the cluster
     # experts (workers + 1 trainings at once), which are built one library after the other.
@@ -324,7 +340,7 @@ def evaluate_all(run: Path, budget: dict, specs: list[dict], model_and_tokenizer
     in the budget, methods are evaluated that many at once, each in a process of its own."""
     from quiver.workers import spawn_pool
 
-    missing = slowest_first([spec for spec in specs if not _cache(run, spec).exists()])
+    missing = slowest_first([spec for spec in specs if not _cache(run, budget, spec).exists()])
     workers = budget.get("eval_workers", 1)
     if workers > 1 and len(missing) > 1:
         threads = max(1, int(budget.get("cpus_per_job", 1)))  # workers x threads = cores
@@ -335,7 +351,7 @@ def evaluate_all(run: Path, budget: dict, specs: list[dict], model_and_tokenizer
     else:
         for spec in missing:
             evaluate_one(run, budget, spec, model_and_tokenizer)
-    return [json.loads(_cache(run, spec).read_text()) for spec in specs]
+    return [json.loads(_cache(run, budget, spec).read_text()) for spec in specs]
 
 
 def slowest_first(specs: list[dict]) -> list[dict]:
@@ -350,8 +366,28 @@ def slowest_first(specs: list[dict]) -> list[dict]:
     return sorted(specs, key=cost, reverse=True)  # stable: the table's order within a cost
 
 
-def _cache(run: Path, spec: dict) -> Path:
-    return run / "eval" / (spec["label"].replace(" ", "-") + ".json")
+def _cache(run: Path, budget: dict, spec: dict) -> Path:
+    """Where a method's report is cached: one folder per test sample (limit) and selection
+    sample (select), so that a rerun with other sizes never reads reports of the old ones."""
+    sample = f"limit{budget['limit'] or 'all'}-select{budget.get('select', 0)}"
+    return run / "eval" / sample / (spec["label"].replace(" ", "-") + ".json")
+
+
+def record_build_time(run: Path, seconds: float, libraries: list[str]) -> float:
+    """Add one invocation's build time to the run folder's record and return the total.
+
+    A library build resumes across runs (and `--build-only` splits the build from the
+    evaluation), so the time to build is the sum over every invocation that built into this
+    folder, not the last one's."""
+    record_path = run / "build_time.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"runs": []}
+    record["runs"].append({"seconds": round(seconds, 1), "libraries": libraries,
+                           "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    record["total_seconds"] = round(sum(r["seconds"] for r in record["runs"]), 1)
+    temporary = record_path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(record, indent=1))
+    temporary.replace(record_path)  # atomic: a stopped run never leaves half a record
+    return record["total_seconds"]
 
 
 def evaluate_one(run: Path, budget: dict, spec: dict, model_and_tokenizer=None) -> str:
@@ -363,7 +399,7 @@ def evaluate_one(run: Path, budget: dict, spec: dict, model_and_tokenizer=None) 
     print(f"== evaluating {spec['label']}", flush=True)
     started = time.perf_counter()
     library = str(run / spec["library"]) if spec["library"] else None
-    cache = _cache(run, spec)
+    cache = _cache(run, budget, spec)
     plot = cache.with_name(cache.stem + "-routing.png")
     routed = spec["method"] in ("arrow", "phatgoose", "centroid")
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -567,11 +603,11 @@ def write(args, budget, reports, summary, clusters, timings, extra=(), similarit
     lines = [
         f"# Zero-shot reuse on held-out BIG-bench Lite tasks, budget `{args.budget}`", "",
         f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}; "
-        f"{timings['build'] / 60:.0f} min to build the libraries, "
-        f"{timings['evaluate'] / 60:.0f} min to evaluate.", "",
+        f"{timings['build'] / 60:.0f} min to build the libraries (summed over the runs that "
+        f"built them), {timings['evaluate'] / 60:.0f} min to evaluate.", "",
         f"SmolLM2-135M-Instruct ({budget['dtype']}), LoRA r=4 on all linear layers. "
         f"{budget['tasks']} training tasks; private experts {budget['private_steps']} steps, "
-        f"MBC and random-cluster experts ({budget['clusters']} clusters) "
+        f"{clustered_libraries(budget)} experts ({budget['clusters']} clusters) "
         f"{budget['cluster_steps']} steps, the shared expert {budget['shared_steps']} steps "
         f"(batch {budget['batch']}, lr {budget['lr']:g}, at most {budget['max_length']} "
         f"tokens). Held out: {len(tasks)} BIG-bench Lite multiple-choice tasks, "
@@ -696,7 +732,9 @@ def main() -> None:
     started = time.perf_counter()
     names = build_libraries(run, budget, model_and_tokenizer)
     built = time.perf_counter()
-    print(f"== libraries built in {(built - started) / 60:.1f} min", flush=True)
+    build_total = record_build_time(run, built - started, sorted(names))
+    print(f"== libraries built in {(built - started) / 60:.1f} min "
+          f"({build_total / 60:.1f} min in all runs into {run})", flush=True)
     if args.build_only:
         return
     specs = methods(names, budget)
@@ -707,7 +745,8 @@ def main() -> None:
         selection = merge_selection(parts)
         specs.append(oracle_spec(selection))
     reports = evaluate_all(run, budget, specs, model_and_tokenizer)
-    timings = {"build": built - started, "evaluate": time.perf_counter() - built}
+    timings = {"build": build_total, "build_this_run": built - started,
+               "evaluate": time.perf_counter() - built}
     extra = evaluate_all(run, budget, probes(names), model_and_tokenizer) if args.probes else []
     first_mbc = next((label for label in names if label.startswith("mbc")), None)
     clusters = (Library(str(run / first_mbc)).get_clusters("mbc") or ({}, {}))[0] \
