@@ -142,6 +142,8 @@ def write_analysis(stem: Path, run: Path, budget: dict, names: dict[str, list[st
     result["headroom_per_task"] = {
         t: by_label["oracle"]["tasks"][t]["accuracy"] -
         by_label["uniform merge"]["tasks"][t]["accuracy"] for t in tasks}
+    result["winners_curse"] = winners_curse(selection, by_label["oracle"], by_label["base"],
+                                            tasks)
     labelled = text_label_tasks(by_label)
     result["prior_shift"] = {label: {t: prior_shift(r, t) for t in labelled}
                              for label, r in by_label.items()}
@@ -169,6 +171,27 @@ def write_analysis(stem: Path, run: Path, budget: dict, names: dict[str, list[st
     stem.with_name(stem.name + "_analysis.md").write_text(text)
     print(text)
     return result
+
+
+def winners_curse(selection: dict, oracle: dict, base: dict, tasks: list[str]) -> dict:
+    """How much of the oracle's selection score was chance: each task's chosen expert on the
+    selection sample against the same expert on the disjoint test examples. The base model's
+    change between the two samples is the control (the samples may differ in difficulty)."""
+    per_task = oracle.get("per_task") or {}
+    chosen = {t: selection["values"][per_task[t]][t] for t in tasks}
+    tested = {t: oracle["tasks"][t]["accuracy"] for t in tasks}
+    select = min(selection["examples"].values())
+
+    def mean(values) -> float:
+        return float(np.mean(list(values)))
+
+    return {"selection": chosen, "test": tested, "select": select,
+            "candidates": sum(row != "base" for row in selection["values"]),
+            "mean_selection": mean(chosen.values()), "mean_test": mean(tested.values()),
+            "mean_drop": mean(tested[t] - chosen[t] for t in tasks),
+            "base_selection": mean(selection["values"]["base"][t] for t in tasks),
+            "base_test": mean(base["tasks"][t]["accuracy"] for t in tasks),
+            "standard_error": 100 * math.sqrt(0.25 / select)}
 
 
 # ---------------------------------------------------------------------------------- output
@@ -211,14 +234,27 @@ def _markdown(result: dict, by_label: dict, tasks: list[str], labelled: list[str
     for key in result["paired"]["all tasks"]:
         lines.append(f"| {key} | " + " | ".join(_diff(result["paired"][n][key])
                                                for n in subsets) + " |")
+    curse = result["winners_curse"]
     lines += ["", "## Headroom per task (oracle minus uniform merge, test examples)", "",
-              "| task | oracle's expert | oracle | uniform merge | headroom |",
-              "|---|---|---:|---:|---:|"]
+              "The oracle's expert is the best of the private experts on the selection sample; "
+              "'on selection' is that best score, 'on test' the same expert on the test "
+              "examples. A drop from one to the other is the winner's curse: a maximum over "
+              f"{curse['candidates']} experts scored on {curse['select']} examples is high by "
+              "chance.", "",
+              "| task | oracle's expert | on selection | on test | uniform merge | headroom |",
+              "|---|---|---:|---:|---:|---:|"]
     for t in tasks:
         lines.append(f"| {_short(t)} | {(result['oracle'] or {}).get(t, '')} | "
+                     f"{curse['selection'][t]:.1f} | "
                      f"{by_label['oracle']['tasks'][t]['accuracy']:.1f} | "
                      f"{by_label['uniform merge']['tasks'][t]['accuracy']:.1f} | "
                      f"{result['headroom_per_task'][t]:+.1f} |")
+    lines += ["", f"Mean over tasks: the chosen experts score {curse['mean_selection']:.1f} on "
+              f"the selection sample and {curse['mean_test']:.1f} on the test examples (drop "
+              f"{curse['mean_drop']:+.1f}); the base model scores {curse['base_selection']:.1f} "
+              f"and {curse['base_test']:.1f} on the same two samples. One binomial standard "
+              f"error at {curse['select']} examples and 50% is {curse['standard_error']:.1f} "
+              "points."]
     metrics = [(m, name) for m, name in SCORING
                if m in next(iter(result["scoring"]["all tasks"].values()))]
     lines += ["", "## Scoring rules side by side (average over all tasks)", "",
