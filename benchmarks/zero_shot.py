@@ -431,14 +431,17 @@ def evaluate_one(run: Path, budget: dict, spec: dict, model_and_tokenizer=None) 
     return spec["label"]
 
 
-def selection_specs(names: dict[str, list[str]], workers: int) -> list[dict]:
+def selection_specs(names: dict[str, list[str]], workers: int, test: int = 0) -> list[dict]:
     """The transfer matrix on the selection sample, its rows cut into `workers` parts that
     run at once (each part also scores the base model: its row is cheap and checks that the
-    parts agree)."""
+    parts agree). With `test`, the same matrix on the first `test` test examples instead
+    (after the selection sample), to see whether the selection sample's ranking of the
+    experts holds on other examples."""
     experts = names["private"]
     parts = max(1, workers)
-    return [{"label": f"selection {i}", "method": "transfer", "library": "private",
-             "experts": experts[i::parts]} for i in range(parts)]
+    label = f"test transfer {test}" if test else "selection"
+    return [{"label": f"{label} {i}", "method": "transfer", "library": "private",
+             "experts": experts[i::parts], "test": test} for i in range(parts)]
 
 
 def selection_transfer(run: Path, budget: dict, spec: dict, model_and_tokenizer=None) -> dict:
@@ -452,12 +455,14 @@ def selection_transfer(run: Path, budget: dict, spec: dict, model_and_tokenizer=
 
     model, tokenizer = model_and_tokenizer or load_base("smollm2-135m", dtype=budget["dtype"])
     tasks = [load_task(t) for t in HELD_OUT[: budget["held_out"]]]
-    config = TransferConfig(metric="accuracy", split="all", limit=budget["select"],
+    skip, limit = ((budget["select"], spec["test"]) if spec.get("test") else
+                   (0, budget["select"]))
+    config = TransferConfig(metric="accuracy", split="all", skip=skip, limit=limit,
                             batch_size=8)
     report = transfer_matrix(model, tokenizer, Library(str(run / "private")), tasks,
                              spec["experts"], config, show_progress=False)
     report["chance"] = {t.name: float(np.mean([1 / len(e.options)
-                                               for e in t.split("all")[: budget["select"]]]))
+                                               for e in t.split("all")[skip: skip + limit]]))
                         for t in tasks}
     report["average"] = {}
     return report
@@ -702,6 +707,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
     parser.add_argument("--run", help="run folder (default runs/zero-shot-<budget>)")
+    parser.add_argument("--test-transfer", type=int, default=0, metavar="N",
+                        help="with a selection sample: also score every private expert on the "
+                             "first N test examples, and report how well the selection "
+                             "sample's ranking of the experts predicts theirs")
     parser.add_argument("--probes", action="store_true",
                         help="also evaluate Arrow with other top-k and temperatures")
     parser.add_argument("--results", type=Path, default=RESULTS,
@@ -748,6 +757,11 @@ def main() -> None:
     timings = {"build": build_total, "build_this_run": built - started,
                "evaluate": time.perf_counter() - built}
     extra = evaluate_all(run, budget, probes(names), model_and_tokenizer) if args.probes else []
+    test_transfer = None
+    if selection is not None and args.test_transfer:  # does the selection's ranking hold?
+        test_transfer = merge_selection(evaluate_all(
+            run, budget, selection_specs(names, budget.get("eval_workers", 1),
+                                         args.test_transfer), model_and_tokenizer))
     first_mbc = next((label for label in names if label.startswith("mbc")), None)
     clusters = (Library(str(run / first_mbc)).get_clusters("mbc") or ({}, {}))[0] \
         if first_mbc else {}
@@ -757,7 +771,7 @@ def main() -> None:
         from zero_shot_analysis import write_analysis
 
         write_analysis(args.results / f"zero_shot_{args.budget}", run, budget, names, reports,
-                       selection)
+                       selection, test_transfer)
 
 
 if __name__ == "__main__":

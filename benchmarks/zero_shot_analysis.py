@@ -120,8 +120,11 @@ def mbc_clustering(run: Path, names: list[str], k: int, space: str):
 
 
 def write_analysis(stem: Path, run: Path, budget: dict, names: dict[str, list[str]],
-                   reports: list[dict], selection: dict) -> dict:
-    """Compute everything of the module docstring, write the files, return the JSON."""
+                   reports: list[dict], selection: dict, test_transfer: dict | None = None
+                   ) -> dict:
+    """Compute everything of the module docstring, write the files, return the JSON.
+    With `test_transfer` (the experts' transfer matrix on test examples), also how well the
+    selection sample ranks the experts."""
     by_label = {r["label"]: r for r in reports}
     tasks = list(reports[0]["tasks"])
     rule = informative_tasks(selection)
@@ -144,6 +147,8 @@ def write_analysis(stem: Path, run: Path, budget: dict, names: dict[str, list[st
         by_label["uniform merge"]["tasks"][t]["accuracy"] for t in tasks}
     result["winners_curse"] = winners_curse(selection, by_label["oracle"], by_label["base"],
                                             tasks)
+    result["reliability"] = (selection_reliability(selection, test_transfer, tasks)
+                             if test_transfer else None)
     labelled = text_label_tasks(by_label)
     result["prior_shift"] = {label: {t: prior_shift(r, t) for t in labelled}
                              for label, r in by_label.items()}
@@ -194,9 +199,72 @@ def winners_curse(selection: dict, oracle: dict, base: dict, tasks: list[str]) -
             "standard_error": 100 * math.sqrt(0.25 / select)}
 
 
+def selection_reliability(selection: dict, test: dict, tasks: list[str]) -> dict:
+    """Does the selection sample rank the experts as other examples do? Per task: the
+    Spearman correlation, across the private experts, of their selection accuracy with their
+    accuracy on the first test examples; the spread of the experts' test accuracies against
+    one binomial standard error (if every expert had the same true accuracy and their errors
+    were independent, the spread would be about one standard error; errors on shared
+    examples make it smaller); and the best expert on those test examples against the base
+    model there, an optimistic bound on what choosing one expert per task could buy."""
+    from scipy.stats import spearmanr
+
+    experts = [row for row in selection["values"] if row != "base"]
+    per_task = {}
+    for t in tasks:
+        chosen = [selection["values"][e][t] for e in experts]
+        tested = np.array([test["values"][e][t] for e in experts])
+        n = test["examples"][t]
+        p = float(np.clip(tested.mean() / 100, 0.01, 0.99))
+        rho = spearmanr(chosen, tested).statistic if np.ptp(chosen) and np.ptp(tested) else None
+        best = experts[int(np.argmax(tested))]
+        per_task[t] = {"spearman": None if rho is None else float(rho), "examples": n,
+                       "spread": float(tested.std(ddof=1)),
+                       "standard_error": 100 * math.sqrt(p * (1 - p) / n),
+                       "best": best, "best_test": float(tested.max()),
+                       "base_test": float(test["values"]["base"][t]),
+                       "mean_expert_test": float(tested.mean())}
+    rhos = [v["spearman"] for v in per_task.values() if v["spearman"] is not None]
+    return {"per_task": per_task, "mean_spearman": float(np.mean(rhos)) if rhos else None,
+            "positive": sum(r > 0 for r in rhos), "with_ranking": len(rhos),
+            "best_minus_base": float(np.mean([v["best_test"] - v["base_test"]
+                                              for v in per_task.values()])),
+            "mean_expert_minus_base": float(np.mean([v["mean_expert_test"] - v["base_test"]
+                                                     for v in per_task.values()]))}
+
+
 # ---------------------------------------------------------------------------------- output
 def _short(task: str) -> str:
     return task.removeprefix("bigbench:")
+
+
+def _reliability_markdown(reliability: dict, tasks: list[str]) -> list[str]:
+    rows = reliability["per_task"]
+    n = max(v["examples"] for v in rows.values())
+    lines = ["", "## Does the selection sample rank the experts?", "",
+             f"Every private expert also scored on the first {n} test examples (after the "
+             "selection sample). Spearman: the rank correlation, across the experts, of "
+             "selection accuracy with test accuracy (0: the selection sample's ranking says "
+             "nothing about other examples). Spread: the standard deviation of the experts' "
+             "test accuracies; with independent errors and one true accuracy it would be about "
+             "one binomial standard error (SE). Best - base: the best expert on these test "
+             "examples minus the base model on the same ones, an optimistic bound on picking "
+             "one expert per task.", "",
+             "| task | n | Spearman | spread | SE | best expert on test | best - base | "
+             "mean expert - base |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for t in tasks:
+        v = rows[t]
+        rho = "n/a" if v["spearman"] is None else f"{v['spearman']:+.2f}"
+        lines.append(f"| {_short(t)} | {v['examples']} | {rho} | {v['spread']:.1f} | "
+                     f"{v['standard_error']:.1f} | {v['best']} | "
+                     f"{v['best_test'] - v['base_test']:+.1f} | "
+                     f"{v['mean_expert_test'] - v['base_test']:+.1f} |")
+    mean = reliability["mean_spearman"]
+    lines += ["", f"Mean Spearman over the {reliability['with_ranking']} tasks with a ranking: "
+              f"{'n/a' if mean is None else f'{mean:+.2f}'} ({reliability['positive']} "
+              f"positive); best expert - base {reliability['best_minus_base']:+.1f}, mean "
+              f"expert - base {reliability['mean_expert_minus_base']:+.1f} points."]
+    return lines
 
 
 def _diff(d: dict) -> str:
@@ -255,6 +323,8 @@ def _markdown(result: dict, by_label: dict, tasks: list[str], labelled: list[str
               f"and {curse['base_test']:.1f} on the same two samples. One binomial standard "
               f"error at {curse['select']} examples and 50% is {curse['standard_error']:.1f} "
               "points."]
+    if result["reliability"]:
+        lines += _reliability_markdown(result["reliability"], tasks)
     metrics = [(m, name) for m, name in SCORING
                if m in next(iter(result["scoring"]["all tasks"].values()))]
     lines += ["", "## Scoring rules side by side (average over all tasks)", "",
