@@ -373,17 +373,17 @@ def _cache(run: Path, budget: dict, spec: dict) -> Path:
     return run / "eval" / sample / (spec["label"].replace(" ", "-") + ".json")
 
 
-def record_build_time(run: Path, seconds: float, libraries: list[str]) -> float:
-    """Add one invocation's build time to the run folder's record and return the total.
+def record_time(record_path: Path, seconds: float, detail: dict) -> float:
+    """Add one invocation's wall time to a JSON record and return the total over all of them.
 
-    A library build resumes across runs (and `--build-only` splits the build from the
-    evaluation), so the time to build is the sum over every invocation that built into this
-    folder, not the last one's."""
-    record_path = run / "build_time.json"
+    Library builds resume across runs (and `--build-only` splits the build from the
+    evaluation), and cached evaluations are not redone, so the time a folder took is the sum
+    over every invocation that worked on it, not the last one's."""
     record = json.loads(record_path.read_text()) if record_path.exists() else {"runs": []}
-    record["runs"].append({"seconds": round(seconds, 1), "libraries": libraries,
+    record["runs"].append({"seconds": round(seconds, 1), **detail,
                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     record["total_seconds"] = round(sum(r["seconds"] for r in record["runs"]), 1)
+    record_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = record_path.with_suffix(".tmp")
     temporary.write_text(json.dumps(record, indent=1))
     temporary.replace(record_path)  # atomic: a stopped run never leaves half a record
@@ -609,7 +609,7 @@ def write(args, budget, reports, summary, clusters, timings, extra=(), similarit
         f"# Zero-shot reuse on held-out BIG-bench Lite tasks, budget `{args.budget}`", "",
         f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}; "
         f"{timings['build'] / 60:.0f} min to build the libraries (summed over the runs that "
-        f"built them), {timings['evaluate'] / 60:.0f} min to evaluate.", "",
+        f"built them), {timings['evaluate'] / 60:.0f} min to evaluate (summed likewise).", "",
         f"SmolLM2-135M-Instruct ({budget['dtype']}), LoRA r=4 on all linear layers. "
         f"{budget['tasks']} training tasks; private experts {budget['private_steps']} steps, "
         f"{clustered_libraries(budget)} experts ({budget['clusters']} clusters) "
@@ -741,7 +741,8 @@ def main() -> None:
     started = time.perf_counter()
     names = build_libraries(run, budget, model_and_tokenizer)
     built = time.perf_counter()
-    build_total = record_build_time(run, built - started, sorted(names))
+    build_total = record_time(run / "build_time.json", built - started,
+                              {"libraries": sorted(names)})
     print(f"== libraries built in {(built - started) / 60:.1f} min "
           f"({build_total / 60:.1f} min in all runs into {run})", flush=True)
     if args.build_only:
@@ -754,8 +755,12 @@ def main() -> None:
         selection = merge_selection(parts)
         specs.append(oracle_spec(selection))
     reports = evaluate_all(run, budget, specs, model_and_tokenizer)
+    evaluated = time.perf_counter() - built
     timings = {"build": build_total, "build_this_run": built - started,
-               "evaluate": time.perf_counter() - built}
+               "evaluate": record_time(_cache(run, budget, specs[0]).parent /
+                                       "evaluate_time.json", evaluated,
+                                       {"methods": [spec["label"] for spec in specs]}),
+               "evaluate_this_run": evaluated}
     extra = evaluate_all(run, budget, probes(names), model_and_tokenizer) if args.probes else []
     test_transfer = None
     if selection is not None and args.test_transfer:  # does the selection's ranking hold?
