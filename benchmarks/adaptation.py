@@ -46,6 +46,7 @@ from zero_shot import (  # noqa: E402
     hits,
     interval,
     machine_name,
+    write_json,
 )
 
 RESULTS = Path(__file__).parent / "results"
@@ -216,7 +217,7 @@ def multi_task_job(run: Path, budget: dict, label: str) -> str:
                                  model_and_tokenizer=model_and_tokenizer, show_progress=False)
         report.update(label=label, kind=entry.info.kind,
                       parameters=sum(t.numel() for t in entry.weights.values()))
-    _write_json(cache, report)
+    write_json(cache, report)
     return label
 
 
@@ -268,7 +269,7 @@ def few_shot_job(run: Path, budget: dict, task: str) -> str:
             return
         report = evaluate_method(method, [task], url, BASE, evaluation, allow_seen=allow_seen,
                                  model_and_tokenizer=model_and_tokenizer, show_progress=False)
-        _write_json(cache, {"label": label, "tasks": report["tasks"],
+        write_json(cache, {"label": label, "tasks": report["tasks"],
                             "average": report["average"]})
 
     score("base", "base", None, False)
@@ -303,7 +304,7 @@ def few_shot_job(run: Path, budget: dict, task: str) -> str:
 def _same_as(folder: Path, done: str, label: str) -> None:
     """Report `label` with the scores of `done`, the entry of the very same computation."""
     report = json.loads((folder / "eval" / f"{done}.json").read_text())
-    _write_json(folder / "eval" / f"{label}.json", {**report, "label": label, "same_as": done})
+    write_json(folder / "eval" / f"{label}.json", {**report, "label": label, "same_as": done})
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -477,13 +478,6 @@ def _plot(summary: dict, path: Path, budget: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def _write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(record))
-    staging.replace(path)  # a run stopped midway never leaves half a report
 
 
 def main() -> None:

@@ -240,14 +240,14 @@ def mbc_label(space: str) -> str:
     return "mbc" if space == "params" else f"mbc-{space}"
 
 
-def cluster_labels(budget: dict) -> list[str]:
-    """The clustered libraries the budget builds: MBC on each similarity space, then random
-    clusters, less those `libraries` leaves out."""
-    labels = [mbc_label(space) for space in budget.get("spaces", ["params"])]
+def cluster_labels(budget: dict) -> dict[str, str | None]:
+    """The clustered libraries the budget builds, each with its MBC similarity space: MBC on
+    each space, then random clusters (None), less those `libraries` leaves out."""
+    labels = {mbc_label(space): space for space in budget.get("spaces", ["params"])}
     if budget.get("random", True):
-        labels.append("random")
+        labels["random"] = None
     wanted = budget.get("libraries")
-    return [label for label in labels if wanted is None or label in wanted]
+    return {label: space for label, space in labels.items() if wanted is None or label in wanted}
 
 
 def clustered_libraries(budget: dict) -> str:
@@ -298,13 +298,12 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
     def asked(label: str) -> bool:
         return wanted is None or label in wanted
 
-    space_of = {mbc_label(space): space for space in budget.get("spaces", ["params"])}
     clustered = {}
-    for label in cluster_labels(budget):  # MBC on each similarity space asked for, random
+    for label, space in cluster_labels(budget).items():  # MBC on each space asked, random
         config = (BuildConfig(strategy="random", clusters=budget["clusters"], **parallel)
-                  if label == "random" else
+                  if space is None else
                   BuildConfig(strategy="mbc", clusters=budget["clusters"],
-                              cluster_space=space_of[label], **parallel))
+                              cluster_space=space, **parallel))
         clustered[label] = (config, budget["cluster_steps"])
     shared = (BuildConfig(strategy="shared", **parallel), budget["shared_steps"])
     # The shared expert is one long training: with workers, it runs beside the cluster
@@ -366,11 +365,22 @@ def slowest_first(specs: list[dict]) -> list[dict]:
     return sorted(specs, key=cost, reverse=True)  # stable: the table's order within a cost
 
 
+def _eval_folder(run: Path, budget: dict) -> Path:
+    """Where the reports are cached: one folder per test sample (limit) and selection sample
+    (select), so that a rerun with other sizes never reads reports of the old ones."""
+    return run / "eval" / f"limit{budget['limit'] or 'all'}-select{budget.get('select', 0)}"
+
+
 def _cache(run: Path, budget: dict, spec: dict) -> Path:
-    """Where a method's report is cached: one folder per test sample (limit) and selection
-    sample (select), so that a rerun with other sizes never reads reports of the old ones."""
-    sample = f"limit{budget['limit'] or 'all'}-select{budget.get('select', 0)}"
-    return run / "eval" / sample / (spec["label"].replace(" ", "-") + ".json")
+    return _eval_folder(run, budget) / (spec["label"].replace(" ", "-") + ".json")
+
+
+def write_json(path: Path, record: dict, indent: int | None = None) -> None:
+    """Write `record` to `path` atomically: a run stopped midway never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(record, indent=indent))
+    staging.replace(path)
 
 
 def record_time(record_path: Path, seconds: float, detail: dict) -> float:
@@ -383,10 +393,7 @@ def record_time(record_path: Path, seconds: float, detail: dict) -> float:
     record["runs"].append({"seconds": round(seconds, 1), **detail,
                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     record["total_seconds"] = round(sum(r["seconds"] for r in record["runs"]), 1)
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = record_path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(record, indent=1))
-    temporary.replace(record_path)  # atomic: a stopped run never leaves half a record
+    write_json(record_path, record, indent=1)
     return record["total_seconds"]
 
 
@@ -424,9 +431,7 @@ def evaluate_one(run: Path, budget: dict, spec: dict, model_and_tokenizer=None) 
                                  gate_steps=budget["gate_steps"], general=spec.get("general"),
                                  routing_plot=plot if routed else None, **common)
     report.update(label=spec["label"], seconds=round(time.perf_counter() - started, 1))
-    staging = cache.with_suffix(".tmp")
-    staging.write_text(json.dumps(report))
-    staging.replace(cache)  # a run stopped midway never leaves half a report
+    write_json(cache, report)
     print(f"{spec['label']}: {report['average'].get('accuracy', 0):.1f}", flush=True)
     return spec["label"]
 
@@ -757,9 +762,8 @@ def main() -> None:
     reports = evaluate_all(run, budget, specs, model_and_tokenizer)
     evaluated = time.perf_counter() - built
     timings = {"build": build_total, "build_this_run": built - started,
-               "evaluate": record_time(_cache(run, budget, specs[0]).parent /
-                                       "evaluate_time.json", evaluated,
-                                       {"methods": [spec["label"] for spec in specs]}),
+               "evaluate": record_time(_eval_folder(run, budget) / "evaluate_time.json",
+                                       evaluated, {"methods": [spec["label"] for spec in specs]}),
                "evaluate_this_run": evaluated}
     extra = evaluate_all(run, budget, probes(names), model_and_tokenizer) if args.probes else []
     test_transfer = None

@@ -182,8 +182,7 @@ def winners_curse(selection: dict, oracle: dict, base: dict, tasks: list[str]) -
     """How much of the oracle's selection score was chance: each task's chosen expert on the
     selection sample against the same expert on the disjoint test examples. The base model's
     change between the two samples is the control (the samples may differ in difficulty)."""
-    per_task = oracle.get("per_task") or {}
-    chosen = {t: selection["values"][per_task[t]][t] for t in tasks}
+    chosen = {t: selection["values"][oracle["per_task"][t]][t] for t in tasks}
     tested = {t: oracle["tasks"][t]["accuracy"] for t in tasks}
     select = min(selection["examples"].values())
 
