@@ -257,8 +257,10 @@ def clustered_libraries(budget: dict) -> str:
     return " and ".join(labels) or "no clustered"
 
 
-def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, list[str]]:
-    """Train (or find) the four libraries and the two merges; returns each one's experts.
+def build_libraries(run: Path, budget: dict, model_and_tokenizer
+                    ) -> tuple[dict[str, list[str]], list[str]]:
+    """Train (or find) the four libraries and the two merges; returns each one's experts, and
+    the experts and merges this call made (none: everything was already there).
 
     The private library comes first (MBC and random clusters are computed from it); with
     `workers` in the budget, trainings run that many at once in processes of their own
@@ -275,6 +277,7 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
     tasks = train_tasks(budget)
     workers = budget.get("workers", 1)
     parallel = {"workers": workers, "cpus_per_job": budget.get("cpus_per_job", 1)}
+    made = []  # appended from the shared expert's thread too: list.extend is atomic
 
     def build(label: str, config: BuildConfig, steps: int) -> list[str]:
         print(f"== building the {label} library", flush=True)
@@ -287,6 +290,7 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
         if report.failed:
             raise SystemExit(f"{label}: trainings failed: "
                              f"{[(o.name, o.error) for o in report.failed]}")
+        made.extend(o.name for o in report.private + report.outcomes if o.status == "trained")
         print(f"== built the {label} library", flush=True)
         return [o.name for o in report.outcomes]
 
@@ -331,7 +335,8 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer) -> dict[str, l
         if name not in merges and (chosen is None or label in chosen):  # TIES takes minutes
             merged, _ = merge_experts(private.experts(names["private"]), method, name)
             merges.add(merged)
-    return names
+            made.append(name)
+    return names, made
 
 
 def evaluate_all(run: Path, budget: dict, specs: list[dict], model_and_tokenizer) -> list[dict]:
@@ -381,6 +386,11 @@ def write_json(path: Path, record: dict, indent: int | None = None) -> None:
     staging = path.with_suffix(".tmp")
     staging.write_text(json.dumps(record, indent=indent))
     staging.replace(path)
+
+
+def recorded_time(record_path: Path) -> float:
+    """The total of a `record_time` record (0 when there is none yet)."""
+    return json.loads(record_path.read_text())["total_seconds"] if record_path.exists() else 0.0
 
 
 def record_time(record_path: Path, seconds: float, detail: dict) -> float:
@@ -744,10 +754,12 @@ def main() -> None:
 
     model_and_tokenizer = load_base("smollm2-135m", dtype=budget["dtype"])
     started = time.perf_counter()
-    names = build_libraries(run, budget, model_and_tokenizer)
+    names, made = build_libraries(run, budget, model_and_tokenizer)
     built = time.perf_counter()
-    build_total = record_time(run / "build_time.json", built - started,
-                              {"libraries": sorted(names)})
+    build_record = run / "build_time.json"  # a run that only found its libraries adds nothing
+    build_total = (record_time(build_record, built - started, {"libraries": sorted(names),
+                                                               "made": len(made)})
+                   if made else recorded_time(build_record))
     print(f"== libraries built in {(built - started) / 60:.1f} min "
           f"({build_total / 60:.1f} min in all runs into {run})", flush=True)
     if args.build_only:
