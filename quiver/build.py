@@ -369,7 +369,8 @@ def expert_name(task: str) -> str:
     """The private expert's name for a task, valid in a library.
 
     `bigbench:arithmetic/1_digit_addition` -> `arithmetic.1_digit_addition`,
-    `jsonl:/data/my task.jsonl` -> `my_task`, `hf:/data/flan#cot_gsm8k` -> `cot_gsm8k`.
+    `jsonl:/data/my task.jsonl` -> `my_task`, `hf:/data/flan#cot_gsm8k` -> `cot_gsm8k`,
+    `gym:chain_sum?max_terms=3` -> `chain_sum.max_terms-3`.
     """
     if task.startswith("jsonl:"):
         stem = os.path.basename(task.removeprefix("jsonl:"))
@@ -377,6 +378,8 @@ def expert_name(task: str) -> str:
     elif task.startswith("hf:"):
         path, _, subtask = task.removeprefix("hf:").partition("#")
         name = subtask or os.path.basename(path.rstrip("/"))
+    elif task.startswith("gym:"):  # its knobs after a dot: chain_sum.max_terms-3
+        name = task.removeprefix("gym:").replace("?", ".").replace("&", ".").replace("=", "-")
     else:
         name = task.removeprefix("bigbench:").replace("/", ".")
     name = _UNSAFE.sub("_", name).lstrip("._-")[:128]

@@ -44,6 +44,17 @@ def fit_console(out: Console) -> Console:
     return out
 
 
+@app.callback()
+def _global_options(
+    bigbench_dir: Path = typer.Option(
+        None, "--bigbench-dir", help="BIG-bench's bigbench/ folder, for bigbench: tasks (sets "
+        "$QUIVER_BIGBENCH_DIR for this command and the workers it starts)"),
+) -> None:
+    """Train, keep and reuse a library of LoRA experts."""
+    if bigbench_dir is not None:
+        os.environ["QUIVER_BIGBENCH_DIR"] = str(bigbench_dir)
+
+
 def main() -> None:
     """Console-script entry point: one clear line and exit code 2 for bad input."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations
@@ -175,17 +186,31 @@ def build_command(
 def tasks_ls(
     kind: str = typer.Option(None, help="mc (multiple choice) or gen (generative)"),
     min_examples: int = typer.Option(0, help="only tasks with at least this many examples"),
-    source: str = typer.Option("bigbench", help="'bigbench' or a Flan-layout dataset hf:PATH"),
-    contains: str = typer.Option(None, help="only names containing this text"),
+    source: str = typer.Option("gym", help="'gym' (reasoning-gym), 'bigbench' (where its "
+                               "files are) or a Flan-layout dataset hf:PATH"),
+    contains: str = typer.Option(None, help="only names containing this text, or this family"),
 ) -> None:
-    """List available tasks with their kind and number of examples."""
+    """List available tasks with their family, kind and number of examples."""
     from quiver.recipes import available_tasks
 
     rows = available_tasks(source, kind, min_examples, contains)
-    table = Table("task", "kind", "examples", "description", title=f"{len(rows)} tasks")
+    table = Table("task", "family", "kind", "examples", "description",
+                  title=f"{len(rows)} tasks")
     for row in rows:
-        table.add_row(row.name, row.kind, str(row.examples), row.description)
+        table.add_row(row.name, row.family or "-", row.kind, str(row.examples), row.description)
     console.print(table)
+    if source == "gym":
+        console.print("gym tasks take their generator's knobs in the name, e.g. "
+                      "gym:basic_arithmetic?max_digits=2&size=500 (`quiver tasks show NAME` "
+                      "lists them)", highlight=False)
+
+
+@tasks_app.command("show")
+def tasks_show(name: str = typer.Argument(..., help="a task name, e.g. gym:chain_sum")) -> None:
+    """One task: its family, knobs (gym), split sizes and a first training example."""
+    from quiver.recipes import describe_task
+
+    console.print_json(data=describe_task(name))
 
 
 # --------------------------------------------------------------------------- adapt
@@ -471,7 +496,8 @@ def _task_names(task: list[str], tasks_file: Path | None) -> list[str]:
 def lm_eval_tasks(
     folder: Path = typer.Argument(..., help="where to write them: lm-eval's --include_path"),
     task: list[str] = typer.Option([], "--task", help="a multiple-choice task; repeatable "
-                                   "(default: BIG-bench Lite's multiple-choice tasks)"),
+                                   "(default: six reasoning-gym tasks with closed answer "
+                                   "sets, mc=true)"),
     tasks_file: Path = typer.Option(None, help="file with one task name per line"),
     limit: int = typer.Option(0, help="examples per task, at most (0: all): the first of "
                                       "quiver's seeded order, as quiver eval --split all"),

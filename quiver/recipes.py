@@ -7,7 +7,9 @@ The CLI calls these; they know nothing about the command line. Training into a l
 
 from __future__ import annotations
 
-from quiver.data import TaskInfo, list_bigbench, load_task
+import hashlib
+
+from quiver.data import TaskInfo, list_bigbench, list_gym, load_task
 from quiver.data import hf as hf_reader
 from quiver.errors import QuiverError
 from quiver.library import Library
@@ -16,22 +18,27 @@ from quiver.models import cache_dir, load_base
 
 
 def available_tasks(
-    source: str = "bigbench",
+    source: str = "gym",
     kind: str | None = None,
     min_examples: int = 0,
     contains: str | None = None,
 ) -> list[TaskInfo]:
-    """Tasks of a source (`bigbench` or `hf:PATH`), filtered.
+    """Tasks of a source (`gym`, `bigbench` or `hf:PATH`), filtered.
 
     Raises:
         QuiverError: an unknown source or kind.
     """
     if kind not in (None, "mc", "gen"):
         raise QuiverError(f"unknown kind {kind!r}: use mc or gen")
-    if source == "bigbench":
+    if source == "gym":
+        rows = list_gym()
+    elif source == "bigbench":
+        from quiver.data.bigbench import tasks_root
         from quiver.progress import counting_progress
 
-        index = cache_dir() / "bigbench-index-v1.json"
+        root = tasks_root()  # an index per copy of BIG-bench: another copy holds other tasks
+        copy = f"{root.resolve()}:{root.stat().st_mtime_ns}"
+        index = cache_dir() / f"bigbench-index-v2-{_short_hash(copy)}.json"
         with counting_progress("indexing BIG-bench (once)", enabled=not index.exists()) as bar:
             rows = list_bigbench(index, progress=bar)
     elif source.startswith(hf_reader.PREFIX):
@@ -40,13 +47,33 @@ def available_tasks(
             task = load_task(name)
             rows.append(TaskInfo(name, task.kind, len(task.examples), ""))
     else:
-        raise QuiverError(f"unknown task source {source!r}: use bigbench or hf:PATH")
+        raise QuiverError(f"unknown task source {source!r}: use gym, bigbench or hf:PATH")
     return [
         r for r in rows
         if (kind is None or r.kind == kind)
         and r.examples >= min_examples
-        and (contains is None or contains in r.name)
+        and (contains is None or contains in r.name or contains == r.family)
     ]
+
+
+def describe_task(name: str) -> dict:
+    """What `quiver tasks show` prints: name, family, kind, description, knobs (gym), the
+    size of each split and the first training example."""
+    from quiver.data.task import SplitConfig
+
+    task = load_task(name)
+    splits = {part: len(task.split(part, SplitConfig())) for part in ("train", "valid", "test")}
+    first = task.split("train")[0] if splits["train"] else task.examples[0]
+    info = {"name": task.name, "family": task.metadata.get("family", ""), "kind": task.kind,
+            "description": task.description[:200], "examples": len(task.examples),
+            "splits": splits, "scorer": "the source's own" if task.score_answer else
+            ("accuracy" if task.kind == "mc" else "exact match, Rouge-L"),
+            "first_example": {"prompt": first.prompt, "target": first.target}}
+    if "config" in task.metadata:
+        info["knobs"] = task.metadata["config"]
+    if first.options:
+        info["first_example"]["options"] = list(first.options)
+    return info
 
 
 EVAL_METHODS = ("base", "arrow", "uniform", "centroid", "phatgoose", "oracle", "expert:NAME")
@@ -306,3 +333,7 @@ def export_task(
         write_peft_folder(expert, out)
         return expert
     return library.add(expert)
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

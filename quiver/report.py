@@ -76,16 +76,22 @@ def build_table(outcomes: list[JobOutcome], title: str) -> Table:
 def eval_table(report: dict) -> Table:
     """Per-task metrics and the average of an evaluation report."""
     metrics = [m for m in ("accuracy", "accuracy_norm", "accuracy_char_norm",
-                           "accuracy_calibrated", "exact_match", "rougeL")
+                           "accuracy_calibrated", "score", "exact_match", "rougeL",
+                           "answer_loglik")
                if m in report["average"]]
     table = Table("task", "n", *metrics,
                   title=f"{report['method']} on {report['model']} ({report['settings']['split']})")
     for name, result in report["tasks"].items():
-        cells = [f"{result[m]:.1f}" if m in result else "" for m in metrics]
+        cells = [_cell(result[m], m) if m in result else "" for m in metrics]
         table.add_row(name.removeprefix("bigbench:"), str(result["examples"]), *cells)
     table.add_section()
-    table.add_row("average", "", *[f"{report['average'][m]:.1f}" for m in metrics])
+    table.add_row("average", "", *[_cell(report["average"][m], m) for m in metrics])
     return table
+
+
+def _cell(value: float, metric: str) -> str:
+    """Percentages to one decimal; log-likelihoods (nats per token) to three."""
+    return f"{value:.3f}" if metric == "answer_loglik" else f"{value:.1f}"
 
 
 def write_report(report: dict, path: Path) -> None:
@@ -97,15 +103,21 @@ def write_report(report: dict, path: Path) -> None:
     staging.replace(path)
 
 
+METRIC_TITLES = {"answer_loglik": "answer log-likelihood (nats per token, higher is better)",
+                 "score": "score (%, the task's own scorer)"}
+
+
 def comparison_table(reports: list[dict], metric: str) -> Table:
     """One row per task, one column per method: `metric` of each (and the average)."""
     table = Table("task", *[r.get("label", r["method"]) for r in reports],
-                  title=f"{metric} (%)")
+                  title=METRIC_TITLES.get(metric, f"{metric} (%)"))
     for task in reports[0]["tasks"]:
         table.add_row(task.removeprefix("bigbench:"),
-                      *[f"{r['tasks'][task].get(metric, float('nan')):.1f}" for r in reports])
+                      *[_cell(r["tasks"][task].get(metric, float("nan")), metric)
+                        for r in reports])
     table.add_section()
-    table.add_row("average", *[f"{r['average'].get(metric, float('nan')):.1f}" for r in reports])
+    table.add_row("average", *[_cell(r["average"].get(metric, float("nan")), metric)
+                               for r in reports])
     return table
 
 
@@ -148,12 +160,17 @@ def clusters_table(clustering, tasks: dict[str, list[str]]) -> Table:
     return table
 
 
-def cluster_heatmap(clustering, tasks: dict[str, list[str]] | None, path: Path) -> None:
-    """Save the experts' cosine-similarity matrix, ordered by cluster, with cluster borders.
+def cluster_heatmap(clustering, tasks: dict[str, list[str]] | None, path: Path,
+                    families: dict[str, str] | None = None) -> None:
+    """Save the experts' cosine-similarity matrix with cluster borders.
 
     Args:
         clustering: a `quiver.transforms.mbc.Clustering`.
         tasks: each expert's tasks, which label the axes (default: the experts' names).
+        families: each expert's family (e.g. reasoning-gym's category): the experts are then
+            ordered by family, the borders are the families' and each label names its
+            cluster, so clusters that follow the families show as blocks on the diagonal.
+            Default: ordered by cluster, the borders the clusters'.
     """
     import numpy as np
 
@@ -161,12 +178,19 @@ def cluster_heatmap(clustering, tasks: dict[str, list[str]] | None, path: Path) 
     by_name = task_labels(tasks or {})
     labels = [by_name.get(name, name) for name in clustering.names]
     position = {name: i for i, name in enumerate(clustering.names)}
-    order = [position[m] for members in clustering.clusters.values() for m in members]
-    matrix = clustering.similarity[np.ix_(order, order)]  # (E, E), grouped by cluster
+    if families:
+        cluster_of = {m: c for c, members in clustering.clusters.items() for m in members}
+        groups: dict[str, list[str]] = {}
+        for name in sorted(clustering.names, key=lambda n: (families.get(n, ""), cluster_of[n])):
+            groups.setdefault(families.get(name) or "-", []).append(name)
+        labels = [f"{families.get(n) or '-'} | {cluster_of[n]} | {label}"
+                  for n, label in zip(clustering.names, labels, strict=True)]
+    else:
+        groups = clustering.clusters
+    order = [position[m] for members in groups.values() for m in members]
+    matrix = clustering.similarity[np.ix_(order, order)]  # (E, E), grouped
     size = min(30, 3 + 0.25 * len(order))
-    figure, axis = plt.subplots(figsize=(size + 1.5, size))
-    # The colour range spans the off-diagonal values: experts trained from one initialisation
-    # can all be 0.95+ similar, and a fixed -1..1 scale would paint them one colour.
+    figure, axis = plt.subplots(figsize=(size + 1.5 + 2 * bool(families), size))
     off_diagonal = matrix[~np.eye(len(order), dtype=bool)]
     low, high = (off_diagonal.min(), off_diagonal.max()) if off_diagonal.size else (-1, 1)
     image = axis.imshow(matrix, cmap="viridis", vmin=low, vmax=max(high, low + 1e-6),
@@ -176,12 +200,13 @@ def cluster_heatmap(clustering, tasks: dict[str, list[str]] | None, path: Path) 
     axis.set_xticks(range(len(order)), ticks, rotation=90, fontsize=font)
     axis.set_yticks(range(len(order)), ticks, fontsize=font)
     edge = -0.5
-    for members in list(clustering.clusters.values())[:-1]:
+    for members in list(groups.values())[:-1]:
         edge += len(members)
         axis.axhline(edge, color="black", linewidth=1.2)
         axis.axvline(edge, color="black", linewidth=1.2)
+    borders = "families (labels: family | cluster | tasks)" if families else "clusters"
     axis.set_title(f"MBC: {len(clustering.clusters)} clusters of {len(order)} experts "
-                   f"(k={clustering.k})", fontsize=9)
+                   f"(k={clustering.k}); borders: {borders}", fontsize=9)
     figure.colorbar(image, ax=axis, label="cosine similarity of the expert embeddings",
                     shrink=0.8)
     _save_figure(figure, path)

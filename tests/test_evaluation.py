@@ -1,7 +1,3 @@
-import ast
-import re
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,16 +6,7 @@ from quiver.data.batching import split_trailing_space
 from quiver.errors import QuiverError
 from quiver.evaluation import EvalConfig, evaluate, generate_answers, score_choices
 from quiver.evaluation.metrics import exact_match, rouge_l
-from quiver.evaluation.scoring import postprocess, score_choices_batch
-
-
-def _bigbench_function(relative: str, name: str, namespace: dict):
-    """A function from BIG-bench's source, compiled without importing its TensorFlow deps."""
-    path = bigbench.tasks_root().parent / relative
-    tree = ast.parse(path.read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    exec(compile(ast.Module([node], []), str(path), "exec"), namespace)
-    return namespace[name]
+from quiver.evaluation.scoring import BIGBENCH_DEFAULT_REGEX, postprocess, score_choices_batch
 
 
 def _brute_force_log_prob(model, tokenizer, prompt, option):
@@ -60,22 +47,31 @@ def test_batched_choice_scores_equal_full_sequence_log_probs(tiny):
         assert scores.n_tokens == score_choices(model, tokenizer, example).n_tokens
 
 
-def test_postprocess_matches_bigbench():
-    reference = _bigbench_function("models/model_utils.py", "postprocess_output", {"re": re})
-    default = r"[^\.\?\!\;\n]+"
-    for text, stop, regex in [("Paris. And more", None, default), (" 42\nnext", None, default),
-                              ("yes; no", None, default), ("a b STOP c", "STOP", None),
-                              ("= 42. 7*7", None, r"\d+"), ("", None, default)]:
-        assert postprocess(text, stop, regex) == reference(text, None, stop, regex).strip()
+# BIG-bench's `postprocess_output` (models/model_utils.py): cut after the first stop string
+# (keeping it) when it is not at the start, then keep the first match of the regex; quiver
+# strips the result. The cases and their outputs by that definition:
+POSTPROCESSED = [("Paris. And more", None, BIGBENCH_DEFAULT_REGEX, "Paris"),
+                 (" 42\nnext", None, BIGBENCH_DEFAULT_REGEX, "42"),
+                 ("yes; no", None, BIGBENCH_DEFAULT_REGEX, "yes"),
+                 ("a b STOP c", "STOP", None, "a b STOP"),
+                 ("STOP a b", "STOP", None, "STOP a b"),  # a stop string at 0 cuts nothing
+                 ("= 42. 7*7", None, r"\d+", "42"),
+                 ("", None, BIGBENCH_DEFAULT_REGEX, "")]
+
+
+@pytest.mark.parametrize("text, stop, regex, expected", POSTPROCESSED)
+def test_postprocess_matches_bigbench(text, stop, regex, expected):
+    assert postprocess(text, stop, regex) == expected
 
 
 def test_exact_match_matches_bigbench_and_rouge_matches_rouge_score():
-    reference = _bigbench_function("api/task_metrics.py", "exact_str_match_fn",
-                                   {"List": list, "Dict": dict, "Any": object})
+    """BIG-bench's exact_str_match (api/task_metrics.py) counts a response that is one of
+    its targets, case and spaces included: here 2 of 3."""
     targets = [["Paris", "paris"], ["4"], ["blue"]]
     answers = ["Paris", "5", "blue"]
-    ours = sum(exact_match(a, tuple(t)) for a, t in zip(answers, targets, strict=True)) / 3
-    assert ours == reference(targets, answers)["exact_str_match"]
+    ours = [exact_match(a, tuple(t)) for a, t in zip(answers, targets, strict=True)]
+    assert ours == [1.0, 0.0, 1.0]
+    assert exact_match("paris ", ("Paris",)) == 0.0
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"])
@@ -116,9 +112,11 @@ def test_eval_config_rejects_unknown_split():
 
 
 def test_bigbench_tasks_carry_their_output_regex():
-    task = bigbench.load("bigbench:object_counting")
-    assert task.metadata["output_regex"] or task.metadata["stop_string"]
-    assert Path(bigbench.tasks_root()).exists()
+    task = bigbench.load("bigbench:object_counting")  # neither set: BIG-bench's default
+    assert task.metadata["output_regex"] == BIGBENCH_DEFAULT_REGEX
+    assert task.metadata["stop_string"] is None
+    task = bigbench.load("bigbench:auto_debugging")
+    assert (task.metadata["stop_string"], task.metadata["output_regex"]) == ("\n", r"\d+")
 
 
 def test_char_norm_and_calibrated_predictions_follow_their_formulas(tiny):

@@ -102,6 +102,17 @@ def test_known_groups_are_recovered_and_auto_picks_their_number():
     assert sorted(capped.silhouette) == [2, 3, 4] and capped.k == 3
 
 
+def test_agreement_with_known_groups_is_the_adjusted_rand_index():
+    experts, truth = _groups()
+    clustering = cluster_experts(experts, MBCConfig(k=3))
+    families = {n: f"family{t}" for n, t in zip(clustering.names, truth, strict=True)}
+    assert clustering.agreement(families) == 1.0
+    shuffled = {n: f"family{i % 2}" for i, n in enumerate(clustering.names)}
+    assert clustering.agreement(shuffled) == pytest.approx(
+        adjusted_rand_score([i % 2 for i in range(12)], clustering.labels))
+    assert np.isnan(clustering.agreement({}))  # no expert with a known group
+
+
 def test_the_partition_does_not_depend_on_the_order_experts_are_listed():
     rng = np.random.default_rng(3)
     experts = [_expert(f"w{i:02d}", rng.standard_normal(_width()).astype(np.float32))
@@ -215,8 +226,11 @@ def test_plots_are_written(tmp_path):
     clustering = cluster_experts(experts, MBCConfig(k="auto"))
     cluster_heatmap(clustering, {n: [f"toy:task {n}"] for n in clustering.names},
                     tmp_path / "h.png")
+    cluster_heatmap(clustering, None, tmp_path / "by-family.png",
+                    families={n: f"family{i % 2}" for i, n in enumerate(clustering.names)})
     silhouette_plot(clustering.silhouette, clustering.k, tmp_path / "s" / "curve.png")
     assert (tmp_path / "h.png").stat().st_size > 5000
+    assert (tmp_path / "by-family.png").stat().st_size > 5000
     assert (tmp_path / "s" / "curve.png").stat().st_size > 5000
 
 

@@ -22,7 +22,7 @@ def test_readme_python_example_runs_on_the_tiny_model(tmp_path, monkeypatch):
     code = code.replace("steps=300", "steps=2, eval_every=1, max_length=64, eval_examples=8")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
-    assert (tmp_path / "sports-peft" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "spell-peft" / "adapter_model.safetensors").exists()
     from quiver import Library
 
-    assert Library(str(tmp_path / "lib")).names() == ["sports", "sports-copy"]
+    assert Library(str(tmp_path / "lib")).names() == ["spell", "spell-copy"]

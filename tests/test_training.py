@@ -168,15 +168,15 @@ def test_train_config_round_trips_through_json_and_validates():
 
 
 @pytest.mark.integration
-def test_real_model_trains_on_a_real_bigbench_task():
+def test_real_model_trains_on_a_real_gym_task():
     from quiver.data import load_task
     from quiver.models import load_base
 
     model, tokenizer = load_base("smollm2-135m", device="cpu")
-    task = load_task("bigbench:sports_understanding")
+    task = load_task("gym:spell_backward?size=200")
     config = TrainConfig(steps=4, eval_every=2, batch_size=4, max_length=128, eval_examples=16,
                          lr=1e-3)
-    expert, result = train_expert(model, tokenizer, [task], "sports", config, show_progress=False)
+    expert, result = train_expert(model, tokenizer, [task], "spell", config, show_progress=False)
     assert result.tokens > 0 and len(expert.lora_factors()) == 30 * 7
     assert result.history[-1]["valid_loss"] < result.history[0]["valid_loss"] + 0.5
 

@@ -205,8 +205,9 @@ def task_lora(expert, task: str, name: str):
     if info.kind != KIND:
         raise QuiverError(f"expert {expert.name!r} is a {info.kind} adapter: only mtl-lora "
                           "entries export a task as a LoRA")
-    if task not in info.tasks and f"bigbench:{task}" in info.tasks:
-        task = f"bigbench:{task}"  # BIG-bench tasks may be named without their prefix
+    for prefix in ("gym:", "bigbench:"):  # their tasks may be named without the prefix
+        if task not in info.tasks and f"{prefix}{task}" in info.tasks:
+            task = f"{prefix}{task}"
     if task not in info.tasks:
         raise QuiverError(f"mtl-lora entry {expert.name!r} has no row for task {task!r}: it was "
                           f"trained on {info.tasks}")

@@ -1,6 +1,9 @@
-"""Tasks: examples, splits, readers (BIG-bench, JSONL, Hugging Face datasets) and batching."""
+"""Tasks: examples, splits, readers (reasoning-gym, BIG-bench, JSONL, Hugging Face datasets)
+and batching."""
 
-from quiver.data.registry import TaskInfo, list_bigbench, load_task
+from quiver.data.registry import TaskInfo, list_bigbench, list_gym, load_task
 from quiver.data.task import Example, SplitConfig, Task
 
-__all__ = ["Example", "SplitConfig", "Task", "TaskInfo", "list_bigbench", "load_task"]
+__all__ = [
+    "Example", "SplitConfig", "Task", "TaskInfo", "list_bigbench", "list_gym", "load_task",
+]

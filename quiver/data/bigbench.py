@@ -1,4 +1,7 @@
-"""BIG-bench JSON tasks, read straight from the `bigbench` package's files (no TensorFlow).
+"""BIG-bench JSON tasks, read straight from BIG-bench's task files (no TensorFlow).
+
+Optional: the registry no longer serves a `bigbench` with task files, so they come from
+BIG-bench's GitHub repository (see `tasks_root`); nothing else in quiver needs them.
 
 A task is `bigbench:NAME`; a subtask is `bigbench:PARENT/SUB`; a parent with subtasks is the
 union of its subtasks. Prompts are formatted as BIG-bench's own `default_format_fn` does:
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from functools import cache
 from pathlib import Path
 
@@ -26,16 +30,35 @@ PREFIX = "bigbench:"
 _BIGBENCH_SEED = 42  # JsonTask's default random_seed
 
 
-@cache
+ENV_DIR = "QUIVER_BIGBENCH_DIR"
+HOW_TO_GET = (
+    "BIG-bench's task files are not here (the registry's bigbench 0.0.1 has none): install "
+    "them with `pip install --no-deps 'bigbench @ git+https://github.com/google/BIG-bench.git'`"
+    f" or point {ENV_DIR} (or `quiver --bigbench-dir`) at a checkout's bigbench/ folder"
+)
+
+
 def tasks_root() -> Path:
-    """The folder holding BIG-bench's `benchmark_tasks`."""
+    """The folder holding BIG-bench's task folders (`benchmark_tasks`).
+
+    Looked for, in order: the folder named by $QUIVER_BIGBENCH_DIR (BIG-bench's `bigbench/`
+    folder, or its `benchmark_tasks` itself), then an installed `bigbench` package that
+    carries its task files.
+
+    Raises:
+        QuiverError: neither holds task files; the message says how to get them.
+    """
+    candidates = []
+    if os.environ.get(ENV_DIR):
+        folder = Path(os.environ[ENV_DIR]).expanduser()
+        candidates += [folder / "benchmark_tasks", folder]
     spec = importlib.util.find_spec("bigbench")
-    if spec is None or not spec.submodule_search_locations:
-        raise QuiverError(
-            "BIG-bench tasks need the bigbench package: "
-            "pip install --no-deps bigbench==1.0.0 (scripts/setup.sh does this)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "benchmark_tasks"
+    if spec is not None and spec.submodule_search_locations:
+        candidates.append(Path(list(spec.submodule_search_locations)[0]) / "benchmark_tasks")
+    for folder in candidates:
+        if next(folder.glob("*/task.json"), None) is not None:
+            return folder
+    raise QuiverError(HOW_TO_GET)
 
 
 def task_names() -> list[str]:

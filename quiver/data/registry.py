@@ -1,7 +1,9 @@
 """Resolve a task name to a `Task`, and list the tasks that are available.
 
-Names: `bigbench:NAME[/SUB]`, `jsonl:PATH`, `hf:PATH[#TASK]`. A bare name is tried as a
-BIG-bench task, so `arithmetic` means `bigbench:arithmetic`.
+Names: `gym:NAME[?KNOBS]` (reasoning-gym, the embedded suite), `bigbench:NAME[/SUB]` (where
+BIG-bench's files are), `jsonl:PATH`, `hf:PATH[#TASK]`. A bare name is a reasoning-gym task
+when it names a generator (`chain_sum` is `gym:chain_sum`), else a BIG-bench task
+(`arithmetic/1_digit_addition` is `bigbench:arithmetic/1_digit_addition`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from quiver.data import bigbench, hf, jsonl
+from quiver.data import bigbench, gym, hf, jsonl
 from quiver.data.task import Task
 from quiver.errors import QuiverError
 
-_READERS = {bigbench.PREFIX: bigbench.load, jsonl.PREFIX: jsonl.load, hf.PREFIX: hf.load}
+_READERS = {gym.PREFIX: gym.load, bigbench.PREFIX: bigbench.load, jsonl.PREFIX: jsonl.load,
+            hf.PREFIX: hf.load}
 
 
 def load_task(name: str) -> Task:
@@ -26,7 +29,8 @@ def load_task(name: str) -> Task:
     """
     name = name.strip()
     if not any(name.startswith(prefix) for prefix in _READERS):
-        name = bigbench.PREFIX + name
+        is_gym = name.partition("?")[0] in gym.generator_names()
+        name = (gym.PREFIX if is_gym else bigbench.PREFIX) + name
     prefix = next(p for p in _READERS if name.startswith(p))
     task = _READERS[prefix](name)
     if not task.examples:
@@ -42,6 +46,14 @@ class TaskInfo:
     kind: str
     examples: int
     description: str
+    family: str = ""
+
+
+def list_gym() -> list[TaskInfo]:
+    """Every reasoning-gym generator at its default knobs, with its family (category).
+    `examples` is the number generated (repeated questions, dropped on loading, count)."""
+    return [TaskInfo(gym.PREFIX + name, "gen", gym.DEFAULT_SIZE, gym.description(name),
+                     gym.family(name)) for name in gym.generator_names()]
 
 
 def list_bigbench(cache_file: Path, progress=None) -> list[TaskInfo]:
@@ -62,11 +74,14 @@ def list_bigbench(cache_file: Path, progress=None) -> list[TaskInfo]:
             description = bigbench.load_description(name)
             rows[name] = TaskInfo(name, kind, sum(p.examples for p in parts), description)
         else:
-            task = bigbench.load(name)
+            try:
+                task = bigbench.load(name)
+            except QuiverError:  # a folder with neither examples nor subtasks: nothing to list
+                continue
             rows[name] = TaskInfo(name, task.kind, len(task.examples), task.description[:100])
         if progress:
             progress(done, len(names))
-    rows = [rows[n] for n in names]
+    rows = [rows[n] for n in names if n in rows]
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     staging = cache_file.with_suffix(f".tmp{os.getpid()}")
     staging.write_text(json.dumps([asdict(r) for r in rows]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from quiver.errors import QuiverError
@@ -25,6 +26,8 @@ class Example:
     options: tuple[str, ...] | None = None
     answer: int | None = None
     references: tuple[str, ...] = ()
+    # the source's own record of the example (a reasoning-gym entry), for its scorer
+    entry: dict | None = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.options is not None and (self.answer is None or not self.options):
@@ -50,13 +53,18 @@ class SplitConfig:
 
 @dataclass
 class Task:
-    """A named list of examples. `kind` is "mc" (multiple choice) or "gen" (generative)."""
+    """A named list of examples. `kind` is "mc" (multiple choice) or "gen" (generative).
+
+    `score_answer(answer, example)`, where the source has a scorer of its own (reasoning-gym),
+    scores a generated answer from 0 to 1; `metadata["family"]` is the source's category.
+    """
 
     name: str
     examples: list[Example]
     kind: str
     description: str = ""
     metadata: dict = field(default_factory=dict)
+    score_answer: Callable[[str, Example], float] | None = field(default=None, repr=False)
 
     def split(self, part: str, config: SplitConfig = SplitConfig()) -> list[Example]:
         """The examples of one part ("train", "valid", "test" or "all"), always the same for a

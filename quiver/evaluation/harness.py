@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from quiver.data.task import SPLITS, SplitConfig, Task
+from quiver.data.task import SPLITS, Example, SplitConfig, Task
 from quiver.errors import QuiverError
 from quiver.evaluation.metrics import exact_match, mean, rouge_l
 from quiver.evaluation.scoring import generate_answers, score_choices_batch
@@ -128,8 +128,6 @@ def content_free_scores(model, tokenizer, examples: list, batch_size: int) -> li
     """Each example's options scored after a content-free prompt: "N/A" and the prompt's last
     line (the answer cue, e.g. "A: "), as Zhao et al. (2021, "Calibrate Before Use") replace
     the input by "N/A". Examples with the same cue and options share one scoring."""
-    from quiver.data.task import Example
-
     keys = [(content_free_prompt(e.prompt), e.options) for e in examples]
     distinct = list(dict.fromkeys(keys))
     probes = [Example(prompt, options[0], options=options, answer=0)
@@ -165,6 +163,10 @@ def _choice_batches(examples, batch_size: int, max_rows: int = 32) -> list[list[
 
 
 def _generative(model, tokenizer, task, examples, config: EvalConfig) -> dict:
+    """Greedy answers scored by exact match, Rouge-L and the task's own scorer where it has
+    one (`score`, 0-100), and each target's log-likelihood given the prompt (`answer_loglik`:
+    nats per target token, teacher-forced), which separates methods where answers are rarely
+    exactly right."""
     em, rouge, answers = [], [], []
     stop = task.metadata.get("stop_string")
     regex = task.metadata.get("output_regex")
@@ -179,13 +181,33 @@ def _generative(model, tokenizer, task, examples, config: EvalConfig) -> dict:
             em.append(exact_match(answer, references))
             rouge.append(rouge_l(answer, references))
             answers.append(answer)
-    return {"exact_match": 100 * mean(em), "rougeL": mean(rouge), "examples": len(examples),
-            "per_example": {"exact_match": em, "rougeL": rouge}, "answers": answers}
+    per_example = {"exact_match": em, "rougeL": rouge,
+                   "answer_loglik": answer_log_likelihoods(model, tokenizer, examples,
+                                                           config.batch_size)}
+    if task.score_answer is not None:
+        per_example["score"] = [task.score_answer(a, e)
+                                for a, e in zip(answers, examples, strict=True)]
+    result = {"exact_match": 100 * mean(em), "rougeL": mean(rouge),
+              "answer_loglik": mean(per_example["answer_loglik"])}
+    if "score" in per_example:
+        result["score"] = 100 * mean(per_example["score"])
+    return {**result, "examples": len(examples), "per_example": per_example,
+            "answers": answers}
+
+
+def answer_log_likelihoods(model, tokenizer, examples, batch_size: int) -> list[float]:
+    """Per example, the mean log-probability per token of its target given its prompt."""
+    probes = [Example(e.prompt, e.target, options=(e.target,), answer=0) for e in examples]
+    values = []
+    for start in range(0, len(probes), batch_size):
+        for score in score_choices_batch(model, tokenizer, probes[start : start + batch_size]):
+            values.append(score.log_probs[0] / max(1, score.n_tokens[0]))
+    return values
 
 
 def _average(results: dict) -> dict:
     metrics = ("accuracy", "accuracy_norm", "accuracy_char_norm", "accuracy_calibrated",
-               "exact_match", "rougeL")
+               "score", "exact_match", "rougeL", "answer_loglik")
     average = {}
     for metric in metrics:
         values = [r[metric] for r in results.values() if metric in r]

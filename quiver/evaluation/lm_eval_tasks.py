@@ -54,9 +54,16 @@ def lm_eval_name(task_name: str) -> str:
     return TASK_PREFIX + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+# reasoning-gym generators whose answers are a closed set, scored as multiple choice
+# (`mc=true`): the default tasks, which need nothing beyond the registry.
+GYM_MC_TASKS = ["gym:syllogism?mc=true", "gym:ransom_note?mc=true",
+                "gym:course_schedule?mc=true", "gym:isomorphic_strings?mc=true",
+                "gym:circuit_logic?mc=true", "gym:mahjong_puzzle?mc=true"]
+
+
 def bigbench_lite_mc_tasks() -> list[str]:
-    """The multiple-choice tasks of BIG-bench Lite (bigbench_lite_v1, as the `bigbench`
-    package lists it), as quiver task names: the held-out tasks of benchmarks/zero_shot.py."""
+    """The multiple-choice tasks of BIG-bench Lite (bigbench_lite_v1, as BIG-bench's
+    `bbseqio/bigbench_lite.py` lists it), as quiver task names; needs BIG-bench's files."""
     from quiver.data.bigbench import tasks_root
 
     source = (tasks_root().parent / "bbseqio" / "bigbench_lite.py").read_text()
@@ -77,8 +84,8 @@ def write_task_configs(
 
     Args:
         folder: where to write (created); pass it to lm-eval's `--include_path`.
-        task_names: quiver task names of multiple-choice tasks (`bigbench:...`, `jsonl:...`,
-            `hf:...`); default: BIG-bench Lite's multiple-choice tasks.
+        task_names: quiver task names of multiple-choice tasks (`gym:...?mc=true`,
+            `bigbench:...`, `jsonl:...`, `hf:...`); default: `GYM_MC_TASKS`.
         limit: examples per task, at most (0: all), the first of quiver's seeded order.
         group: the name of the group config that runs every written task.
 
@@ -87,7 +94,7 @@ def write_task_configs(
     """
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    names = list(task_names) if task_names else bigbench_lite_mc_tasks()
+    names = list(task_names) if task_names else GYM_MC_TASKS
     if len(set(names)) != len(names):
         raise QuiverError(f"a task is named twice: {names}")
     if limit < 0:

@@ -103,6 +103,19 @@ class Clustering:
     silhouette: dict[int, float]  # k -> silhouette score (every k tried with k="auto")
     config: MBCConfig
 
+    def agreement(self, groups: dict[str, str]) -> float:
+        """Adjusted Rand index between the clusters and known groups of the experts (expert
+        name -> group, e.g. its task's family): 1 when they are the same partition, about 0
+        for clusters no better than chance. Experts without a group are left out; NaN when
+        fewer than two have one."""
+        from sklearn.metrics import adjusted_rand_score
+
+        known = [i for i, name in enumerate(self.names) if groups.get(name)]
+        if len(known) < 2:
+            return float("nan")
+        return float(adjusted_rand_score([groups[self.names[i]] for i in known],
+                                         [self.labels[i] for i in known]))
+
     def degenerate(self) -> str | None:
         """A one-line warning when one cluster holds almost every expert (at least
         DEGENERATE_SHARE of them with k >= 2): such a library is one expert and a few
