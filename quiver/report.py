@@ -189,16 +189,19 @@ def cluster_heatmap(clustering, tasks: dict[str, list[str]] | None, path: Path,
         groups = clustering.clusters
     order = [position[m] for members in groups.values() for m in members]
     matrix = clustering.similarity[np.ix_(order, order)]  # (E, E), grouped
-    size = min(30, 3 + 0.25 * len(order))
-    figure, axis = plt.subplots(figsize=(size + 1.5 + 2 * bool(families), size))
+    size = min(30, max(4.0, 2 + 0.25 * len(order)))
+    label_width = min(8.0, 0.06 * max(len(label) for label in labels))  # inches, at 7 pt
+    figure, axis = plt.subplots(figsize=(size + label_width + 1.5, size + 0.5))
     off_diagonal = matrix[~np.eye(len(order), dtype=bool)]
     low, high = (off_diagonal.min(), off_diagonal.max()) if off_diagonal.size else (-1, 1)
     image = axis.imshow(matrix, cmap="viridis", vmin=low, vmax=max(high, low + 1e-6),
                         interpolation="nearest")
-    ticks = [labels[i] for i in order]
     font = 7 if len(order) <= 40 else 4
-    axis.set_xticks(range(len(order)), ticks, rotation=90, fontsize=font)
-    axis.set_yticks(range(len(order)), ticks, fontsize=font)
+    # rows carry the labels, numbered; columns only the numbers (long labels twice would
+    # squeeze the matrix)
+    axis.set_xticks(range(len(order)), [str(j) for j in range(len(order))], fontsize=font)
+    axis.set_yticks(range(len(order)), [f"{labels[i]}  {j}" for j, i in enumerate(order)],
+                    fontsize=font)
     edge = -0.5
     for members in list(groups.values())[:-1]:
         edge += len(members)
@@ -282,10 +285,10 @@ def transfer_heatmap(report: dict, path: Path) -> None:
 
 
 def _short_task(name: str) -> str:
-    """`bigbench:x` -> `x`, `jsonl:/some/dir/x.jsonl` -> `jsonl:x.jsonl`."""
+    """`bigbench:x` and `gym:x` -> `x`, `jsonl:/some/dir/x.jsonl` -> `jsonl:x.jsonl`."""
     if name.startswith("jsonl:"):
         return "jsonl:" + Path(name.removeprefix("jsonl:")).name
-    return name.removeprefix("bigbench:")
+    return name.removeprefix("bigbench:").removeprefix("gym:")
 
 
 def _pyplot():
@@ -303,5 +306,5 @@ def _save_figure(figure, path: Path) -> None:
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
