@@ -495,19 +495,23 @@ def _task_names(task: list[str], tasks_file: Path | None) -> list[str]:
 @app.command("lm-eval-tasks")
 def lm_eval_tasks(
     folder: Path = typer.Argument(..., help="where to write them: lm-eval's --include_path"),
-    task: list[str] = typer.Option([], "--task", help="a multiple-choice task; repeatable "
+    task: list[str] = typer.Option([], "--task", help="a task; repeatable "
                                    "(default: six reasoning-gym tasks with closed answer "
                                    "sets, mc=true)"),
     tasks_file: Path = typer.Option(None, help="file with one task name per line"),
     limit: int = typer.Option(0, help="examples per task, at most (0: all): the first of "
                                       "quiver's seeded order, as quiver eval --split all"),
+    base: str = typer.Option(DEFAULT_MODEL, "--base", help="the model whose tokenizer sets "
+                             "generative tasks' generation budget, as quiver eval's"),
 ) -> None:
-    """Write multiple-choice tasks as lm-evaluation-harness task configs (YAML + JSONL) that
-    run offline, with quiver eval's prompts and examples."""
+    """Write tasks as lm-evaluation-harness task configs (YAML + JSONL) that run offline, with
+    quiver eval's prompts and examples: multiple-choice tasks, and gym tasks generated and
+    scored by their own scorer."""
     from quiver.evaluation.lm_eval_tasks import GROUP, write_task_configs
+    from quiver.models import load_tokenizer
 
     names = _task_names(task, tasks_file) if task or tasks_file else None
-    written = write_task_configs(folder, names, limit)
+    written = write_task_configs(folder, names, limit, tokenizer=load_tokenizer(base))
     table = Table("lm-eval task", "quiver task", "examples",
                   title=f"{len(written)} lm-eval tasks in {folder} (group {GROUP})")
     for w in written:

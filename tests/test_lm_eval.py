@@ -13,7 +13,7 @@ from quiver.data import load_task
 from quiver.errors import QuiverError
 from quiver.evaluation import EvalConfig
 from quiver.evaluation.lm_eval_tasks import GROUP, lm_eval_name, write_task_configs
-from quiver.evaluation.scoring import score_choices_batch
+from quiver.evaluation.scoring import postprocess, score_choices_batch
 from quiver.recipes import evaluate_method
 
 from .conftest import run_cli
@@ -116,10 +116,68 @@ def test_written_configs_hold_quiver_eval_s_examples_in_its_order(configs):
         assert w.name in manager.all_tasks
 
 
-def test_written_configs_refuse_generative_tasks_and_cut_to_the_limit(tmp_path):
-    with pytest.raises(QuiverError, match="generative"):
+GYM_TASK = "gym:spell_backward?max_word_len=4&size=60"
+
+
+@pytest.mark.parametrize("method", ["base", "arrow"])
+def test_gym_generation_through_the_bridge_agrees_with_quiver_eval(tiny, served_library,
+                                                                   tmp_path, method):
+    """A generative gym task: lm-eval generates through the bridge, cuts and scores with the
+    written process_results; the answers are quiver eval's, token for token, and so are the
+    package scores and exact matches, example by example. (Arrow over the served library's
+    random experts gives every prompt its own answer.)"""
+    model, tokenizer = tiny
+    [written] = write_task_configs(tmp_path, [GYM_TASK], limit=LIMIT, tokenizer=tokenizer)
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    library = served_library.url if method != "base" else None
+    report = evaluate_method(method, [GYM_TASK], library, "tiny-llama",
+                             EvalConfig(split="all", limit=LIMIT, batch_size=4),
+                             model_and_tokenizer=tiny, show_progress=False)
+    ours = report["tasks"][GYM_TASK]
+    lm = QuiverLM(library=library, method=method, model=model, tokenizer=tokenizer,
+                  batch_size=4)
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=[written.name], limit=LIMIT,
+                                          task_manager=manager, log_samples=True,
+                                          bootstrap_iters=0)
+    finally:
+        lm.close()
+    samples = sorted(results["samples"][written.name], key=lambda s: s["doc_id"])
+    task = load_task(GYM_TASK)
+    answers = [postprocess(s["resps"][0][0], task.metadata["stop_string"], None)
+               for s in samples]
+    assert answers == ours["answers"]
+    assert method == "base" or len(set(answers)) > LIMIT // 2
+    assert [s["score"] for s in samples] == ours["per_example"]["score"]
+    assert [s["exact_match"] for s in samples] == ours["per_example"]["exact_match"]
+    assert results["results"][written.name]["score,none"] * 100 == pytest.approx(ours["score"])
+
+
+def test_the_written_scorer_is_the_package_s_own(tmp_path, tiny):
+    from quiver.evaluation.lm_eval_tasks import process_generated
+
+    [written] = write_task_configs(tmp_path, [GYM_TASK], limit=3, tokenizer=tiny[1])
+    docs = [json.loads(line) for line in written.data.read_text().splitlines()]
+    task = load_task(GYM_TASK)
+    for doc, example in zip(docs, task.split("all"), strict=False):
+        assert doc["context"] == example.prompt  # gym prompts end with the cue, no space
+        assert process_generated(doc, [" " + doc["target"] + "\nmore"]) == {
+            "score": 1.0, "exact_match": 1.0}
+        assert process_generated(doc, ["wrong"])["score"] == task.score_answer("wrong", example)
+    assert "process_results: !function quiver_scorer.process_results" in (
+        written.config.read_text())
+
+
+def test_written_configs_refuse_generative_tasks_without_a_scorer(tmp_path):
+    with pytest.raises(QuiverError, match="without one"):
         write_task_configs(tmp_path / "a", ["bigbench:emoji_movie", "bigbench:auto_debugging"])
-    assert not (tmp_path / "a" / "quiver_bigbench_emoji_movie.jsonl").exists()
+    assert not (tmp_path / "a").exists()  # nothing written
+    with pytest.raises(QuiverError, match="tokenizer"):
+        write_task_configs(tmp_path / "a", [GYM_TASK])
+    assert not (tmp_path / "a").exists()
+
+
+def test_written_configs_cut_to_the_limit(tmp_path):
     [w] = write_task_configs(tmp_path / "b", ["bigbench:emoji_movie"], limit=5)
     assert w.examples == 5 and len(w.data.read_text().splitlines()) == 5
     assert lm_eval_name("bigbench:bbq_lite_json/age_ambig") == (

@@ -170,11 +170,9 @@ def _generative(model, tokenizer, task, examples, config: EvalConfig) -> dict:
     em, rouge, answers = [], [], []
     stop = task.metadata.get("stop_string")
     regex = task.metadata.get("output_regex")
+    new_tokens = generation_budget(tokenizer, examples, config.max_new_tokens)
     for start in range(0, len(examples), config.batch_size):
         batch = examples[start : start + config.batch_size]
-        longest = max(len(tokenizer(r)["input_ids"])
-                      for e in batch for r in (e.references or (e.target,)))
-        new_tokens = min(config.max_new_tokens, longest + 8)
         for example, answer in zip(batch, generate_answers(model, tokenizer, batch, new_tokens,
                                                            stop, regex), strict=True):
             references = example.references or (example.target,)
@@ -193,6 +191,14 @@ def _generative(model, tokenizer, task, examples, config: EvalConfig) -> dict:
         result["score"] = 100 * mean(per_example["score"])
     return {**result, "examples": len(examples), "per_example": per_example,
             "answers": answers}
+
+
+def generation_budget(tokenizer, examples, max_new_tokens: int) -> int:
+    """New tokens to generate for these examples: their longest reference and 8 more, at most
+    `max_new_tokens` (one budget for the task, so batching never changes an answer)."""
+    longest = max(len(tokenizer(r)["input_ids"])
+                  for e in examples for r in (e.references or (e.target,)))
+    return min(max_new_tokens, longest + 8)
 
 
 def answer_log_likelihoods(model, tokenizer, examples, batch_size: int) -> list[float]:
