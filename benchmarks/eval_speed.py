@@ -1,7 +1,7 @@
 """Evaluation harness speed: multiple-choice scoring one example at a time vs batched.
 
-Scores the first `--tasks` held-out BIG-bench Lite multiple-choice tasks of
-`benchmarks/zero_shot.py` (at most `--limit` test examples each) with the real
+Scores the first `--tasks` of the reasoning-gym tasks with closed answer sets, as multiple
+choice (`quiver lm-eval-tasks`' default list, at most `--limit` test examples each) with the real
 SmolLM2-135M-Instruct, routed with `--method` over `--library` (or the bare model), twice in
 the same process: `batch_size=1` (every example alone: the prompt once, its options batched)
 and `batch_size=8` (several examples' prompts in one left-padded batch, all their options in
@@ -9,7 +9,8 @@ one batch). Both must give the same accuracy; the ratio of their times is the sp
 
 Usage: .venv/bin/python benchmarks/eval_speed.py [--library demo-library/private]
        [--method arrow] [--tasks 10] [--limit 200]
-Writes benchmarks/results/eval_speed_<method>_<limit>.{json,md}.
+Writes benchmarks/results/eval_speed_gym_<method>_<limit>.{json,md} (the files without `gym_`
+were measured on BIG-bench Lite, when the registry still served it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import cpu_name  # noqa: E402
-from zero_shot import HELD_OUT  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -34,17 +34,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--library", default=None)
     parser.add_argument("--method", default="base")
-    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--tasks", type=int, default=6)
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
 
     from quiver.evaluation import EvalConfig
+    from quiver.evaluation.lm_eval_tasks import GYM_MC_TASKS
     from quiver.models import load_base
     from quiver.recipes import evaluate_method
 
     model_and_tokenizer = load_base("smollm2-135m", device="cpu")
-    tasks = HELD_OUT[: args.tasks]
+    tasks = GYM_MC_TASKS[: args.tasks]
     rows = []
     for batch_size in args.batch_sizes:
         started = time.perf_counter()
@@ -62,7 +63,7 @@ def main() -> None:
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
     command = "python benchmarks/eval_speed.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"eval_speed_{args.method.replace(':', '-')}_{args.limit}"
+    stem = RESULTS / f"eval_speed_gym_{args.method.replace(':', '-')}_{args.limit}"
     stem.with_suffix(".json").write_text(json.dumps(
         {"command": command, "commit": commit, "machine": machine, "tasks": tasks,
          "method": args.method, "rows": rows}, indent=1))
@@ -70,8 +71,8 @@ def main() -> None:
         "# Evaluation harness speed (CPU)", "",
         f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}.",
         f"SmolLM2-135M-Instruct fp32, method `{args.method}` ({rows[0]['experts']} experts), "
-        f"{len(tasks)} BIG-bench Lite multiple-choice tasks, at most {args.limit} test "
-        "examples each.", "",
+        f"{len(tasks)} reasoning-gym tasks scored as multiple choice over their closed answer "
+        f"sets ({', '.join(tasks)}), at most {args.limit} test examples each.", "",
         "| examples per batch | examples | minutes | seconds per example | accuracy |",
         "|---:|---:|---:|---:|---:|",
     ]

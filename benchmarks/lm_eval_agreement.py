@@ -2,7 +2,8 @@
 examples, the same accuracy? And how fast is the bridge on the same work?
 
 For `base` and Arrow over a small private library (built first if missing: the --train
-tasks, --steps each), on held-out BIG-bench multiple-choice tasks (at most --limit examples
+tasks, --steps each), on held-out reasoning-gym tasks scored as multiple choice over their
+closed answer sets (at most --limit examples
 of each, `--split all`: the first of quiver's seeded order), in one process on one loaded
 model:
 - `quiver eval` (`recipes.evaluate_method`), recording the options' log-probabilities;
@@ -15,7 +16,8 @@ options' log-likelihoods; and times `quiver eval` and the bridge side by side (-
 rounds, alternating, the fastest of each; the model loaded, lm-eval's task index built).
 
 Usage: .venv/bin/python benchmarks/lm_eval_agreement.py [--limit 50] [--rounds 2]
-Writes benchmarks/results/lm_eval_agreement.{json,md}.
+Writes benchmarks/results/lm_eval_agreement_gym.{json,md} (lm_eval_agreement.{json,md} were
+measured on BIG-bench tasks, when the registry still served them).
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ from train_throughput import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN = ["bigbench:fact_checker", "bigbench:implicatures", "bigbench:anachronisms"]
-HELD_OUT = ["bigbench:emoji_movie", "bigbench:winowhy", "bigbench:hindu_knowledge"]
+TRAIN = ["gym:basic_arithmetic?max_digits=2&max_terms=2", "gym:spell_backward?max_word_len=6",
+         "gym:letter_counting?max_words=5"]
+HELD_OUT = ["gym:syllogism?mc=true", "gym:ransom_note?mc=true", "gym:course_schedule?mc=true"]
 BASE = "smollm2-135m"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--library", default="runs/lmeval-lib")
+    parser.add_argument("--library", default="runs/lmeval-gym-lib")
     parser.add_argument("--train", nargs="+", default=TRAIN)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tasks", nargs="+", default=HELD_OUT)
@@ -52,7 +55,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default="runs/lmeval-agreement", help="task configs go here")
-    parser.add_argument("--out", default=str(RESULTS / "lm_eval_agreement"))
+    parser.add_argument("--out", default=str(RESULTS / "lm_eval_agreement_gym"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started, load = time.perf_counter(), os.getloadavg()[0]
@@ -156,13 +159,13 @@ def main() -> None:
 
 def _library(args) -> str:
     """The small private library: built (args.train, args.steps) unless it is there."""
-    from quiver.build import BuildConfig, build_library
+    from quiver.build import BuildConfig, build_library, expert_name
     from quiver.library import Library
     from quiver.training import TrainConfig
 
     url = args.library
     try:
-        if set(Library(url).names()) >= {t.split(":", 1)[1] for t in args.train}:
+        if set(Library(url).names()) >= {expert_name(t) for t in args.train}:
             return url
     except Exception:  # noqa: BLE001 - no library yet
         pass
@@ -229,7 +232,7 @@ def _markdown(data: dict) -> str:
         f"{data['torch']}, lm-eval {data['lm_eval']}; total {data['total_seconds'] / 60:.1f} "
         "min.",
         f"SmolLM2-135M-Instruct fp32; library `{data['library']}`: private experts on "
-        f"{', '.join(t.removeprefix('bigbench:') for t in data['train_tasks'])} "
+        f"{', '.join(t.removeprefix('gym:') for t in data['train_tasks'])} "
         f"({data['steps']} steps each); at most {data['limit']} examples per task, "
         "`--split all` (quiver's seeded order; lm-eval's `--limit` over the written configs "
         f"takes the same), batch {data['batch_size']}.", "",
@@ -248,7 +251,7 @@ def _markdown(data: dict) -> str:
             explained = (r["lm_eval_rule_on_quiver_log_probs_equals_acc_norm"]
                          and r["quiver_rule_on_lm_eval_log_probs_equals_char_norm"])
             lines.append(
-                f"| {method} | {task.removeprefix('bigbench:')} | {r['examples']} | "
+                f"| {method} | {task.removeprefix('gym:')} | {r['examples']} | "
                 f"{r['quiver_accuracy']:.1f} / {r['lm_eval_acc']:.1f} / {r['hflm_acc']:.1f} | "
                 f"{r['acc_examples_differing']} | {r['quiver_accuracy_char_norm']:.1f} / "
                 f"{r['lm_eval_acc_norm']:.1f} | {r['acc_norm_examples_differing']} "

@@ -337,9 +337,9 @@ from quiver.evaluation import EvalConfig  # noqa: E402
 @app.command("eval")
 @config_options(EvalConfig)
 def eval_command(
-    method: str = typer.Option(..., help="base, arrow, uniform, centroid, phatgoose, oracle, "
-                                         "or expert:NAME (a Poly/MHR or MTL-LoRA entry: each "
-                                         "task with its own row)"),
+    method: str = typer.Option(..., help="base, arrow, spectr, uniform, centroid, phatgoose, "
+                                         "oracle, or expert:NAME (a Poly/MHR or MTL-LoRA entry: "
+                                         "each task with its own row)"),
     task: list[str] = typer.Option([], "--task", help="task to evaluate; repeatable"),
     tasks_file: Path = typer.Option(None, help="file with one task name per line"),
     library: str = typer.Option(None, help="library folder or fsspec URL"),

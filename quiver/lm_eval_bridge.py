@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from quiver.evaluation.scoring import score_continuations
 
-METHODS = ("base", "arrow", "uniform", "centroid", "phatgoose", "expert:NAME")
+METHODS = ("base", "arrow", "spectr", "uniform", "centroid", "phatgoose", "expert:NAME")
 MODEL_ARGS = ("library", "method", "top_k", "temperature", "gate_steps", "general", "experts",
               "base", "dtype", "max_length", "batch_size", "max_batch_size", "device")
 MAX_ROWS = 32  # continuations per forward pass, as the harness's multiple-choice batches
@@ -147,7 +147,7 @@ class QuiverLM(TemplateLM):
         """The library, after refusing what cannot run (before the model is loaded)."""
         from quiver.library import Library
 
-        routed = ("arrow", "uniform", "centroid", "phatgoose")
+        routed = ("arrow", "spectr", "uniform", "centroid", "phatgoose")
         if method not in ("base", *routed) and not method.startswith("expert:"):
             hint = (" (it routes by task, which lm-eval does not tell the model; use quiver "
                     "eval)" if method == "oracle" else "")

@@ -76,7 +76,8 @@ def describe_task(name: str) -> dict:
     return info
 
 
-EVAL_METHODS = ("base", "arrow", "uniform", "centroid", "phatgoose", "oracle", "expert:NAME")
+EVAL_METHODS = ("base", "arrow", "spectr", "uniform", "centroid", "phatgoose", "oracle",
+                "expert:NAME")
 
 
 def evaluate_method(

@@ -26,13 +26,14 @@ from quiver.routing import (
     MixtureStrategy,
     PhatgooseRouter,
     RoutingContext,
+    SpectrRouter,
     UniformRouter,
     attach_experts,
 )
 from quiver.transforms.arrow import expert_prototypes, stored_prototypes
 from quiver.transforms.genknowsub import subtract_general
 
-METHODS = ("arrow", "uniform", "centroid", "phatgoose", "oracle")
+METHODS = ("arrow", "spectr", "uniform", "centroid", "phatgoose", "oracle")
 
 
 def reuse(
@@ -49,7 +50,8 @@ def reuse(
 ) -> nn.Module:
     """Attach the library's experts (all by default) to `model`, routed by `method`.
 
-    `top_k` defaults to each method's own: 4 for Arrow (the paper), 2 for PHATGOOSE, every
+    `top_k` defaults to each method's own: 4 for Arrow (the paper) and SpectR, 2 for
+    PHATGOOSE, every
     expert for centroid routing. `centroid` and `phatgoose` need the tokenizer: missing
     centroids or gates are computed with `model` (over the experts' own training tasks) and
     stored in the library first (PHATGOOSE gates train for `gate_steps` steps per expert).
@@ -75,6 +77,8 @@ def reuse(
     elif method == "arrow":
         router = ArrowRouter(top_k or 4, temperature)
         keys = functools.partial(stored_prototypes, library)  # read one expert at a time
+    elif method == "spectr":  # reads the stacked factors themselves: no stored keys
+        router, keys = SpectrRouter(top_k or 4, temperature), None
     elif method == "uniform":
         router, keys = UniformRouter(), None
     elif method in ("centroid", "phatgoose"):

@@ -249,3 +249,78 @@ def test_genknowsub_subtracts_the_mean_general_update_in_update_space(tiny, tiny
         detach_experts(model)
     with pytest.raises(QuiverError, match="Arrow routing only"):
         quiver.reuse(model, tiny_library, method="uniform", general=["beta"])
+
+
+# ------------------------------------------------------------------------------- SpectR
+def test_spectr_logits_are_the_norm_of_each_expert_s_update_of_the_token():
+    """||s B A x|| from the factors and the Gram matrices equals ||dW x|| with dW formed
+    densely, and ||S V^T x|| from dW's SVD (the paper's form)."""
+    from quiver.routing.spectr import SpectrRouter, update_grams
+
+    generator = torch.Generator().manual_seed(0)
+    n_experts, rank, fan_in, fan_out, tokens = 5, 4, 24, 16, 7
+    a = torch.randn(n_experts, rank, fan_in, generator=generator, dtype=torch.float64)
+    sb = torch.randn(n_experts, fan_out, rank, generator=generator, dtype=torch.float64)
+    b_rows = sb.transpose(1, 2).reshape(n_experts * rank, fan_out)  # the layer's layout
+    x = torch.randn(tokens, fan_in, generator=generator, dtype=torch.float64)
+    router = SpectrRouter(top_k=n_experts, temperature=0.5)
+    weights, indices = router(x, a, update_grams(b_rows, n_experts))
+    dense = torch.stack([(sb[e] @ a[e] @ x.T).norm(dim=0) for e in range(n_experts)], 1)
+    spectral = []
+    for e in range(n_experts):
+        _, s, vh = torch.linalg.svd(sb[e] @ a[e], full_matrices=False)
+        spectral.append((s[:, None] * (vh @ x.T)).norm(dim=0))  # ||S V^T x||
+    torch.testing.assert_close(torch.stack(spectral, 1), dense)
+    expected = torch.softmax(dense / 0.5, dim=-1)
+    got = torch.zeros_like(expected).scatter(1, indices, weights)
+    torch.testing.assert_close(got, expected)
+
+
+def test_spectr_routes_planted_tokens_where_arrow_sees_only_the_top_direction():
+    """Expert 0 changes two directions almost equally (e1 a little more than e2), expert 1
+    one direction (e3). Tokens along e2 belong to expert 0: SpectR, which sees the whole
+    spectrum, sends them there; Arrow, which sees only the top singular vector (e1), cannot
+    tell expert 0 from expert 1 on them (both overlaps are 0)."""
+    from quiver.routing.spectr import SpectrRouter, update_grams
+    from quiver.transforms.arrow import top_right_singular_vector
+
+    fan_in = 8
+    eye = torch.eye(fan_in, dtype=torch.float64)
+    a = torch.zeros(2, 2, fan_in, dtype=torch.float64)
+    sb = torch.zeros(2, fan_in, 2, dtype=torch.float64)
+    a[0, 0], a[0, 1], sb[0, 0, 0], sb[0, 1, 1] = eye[0], eye[1], 1.0, 0.9  # e1 > e2
+    a[1, 0], sb[1, 2, 0] = eye[2], 1.0  # e3 only
+    b_rows = sb.transpose(1, 2).reshape(4, fan_in)
+    tokens = torch.stack([eye[1] * c for c in (0.5, 1.0, 2.0)])  # along e2: expert 0's
+    _, spectr = SpectrRouter(top_k=1)(tokens, a, update_grams(b_rows, 2))
+    assert spectr.flatten().tolist() == [0, 0, 0]
+    prototypes = torch.stack([top_right_singular_vector(a[e], sb[e]) for e in range(2)])
+    projections = tokens @ prototypes.T
+    assert projections.abs().max() < 1e-12  # Arrow: no signal at all on these tokens
+
+
+def test_spectr_routes_a_real_model_with_the_layer_s_own_factors(tiny, tiny_library):
+    """quiver.reuse(method="spectr"): every routed layer's Grams are (s B)^T (s B) of its
+    experts, and its top-1 choice on a token is the expert whose update moves it most."""
+    model, tokenizer = tiny
+    ids = tokenizer("Repeat: apple 3\nAnswer:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = model(ids).logits
+    routed = quiver.reuse(model, tiny_library, method="spectr", top_k=1)
+    seen = {}
+    layer = routed.get_submodule("model.layers.1.mlp.down_proj")
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    try:
+        with torch.no_grad():
+            logits = routed(ids).logits
+            x = seen["x"].reshape(-1, layer.in_features)
+            weights, indices = routed.quiver_routing.route(layer, x)
+    finally:
+        hook.remove()
+        detach_experts(model)
+    factors = {n: tiny_library.get(n).lora_factors()["model.layers.1.mlp.down_proj"]
+               for n in ("alpha", "beta")}
+    scale = tiny_library.get("alpha").scaling
+    norms = torch.stack([(scale * b @ a @ x.T).norm(dim=0) for a, b in factors.values()], 1)
+    assert indices.flatten().tolist() == norms.argmax(dim=1).tolist()
+    assert torch.all(weights == 1.0) and not torch.allclose(logits, base)

@@ -5,6 +5,7 @@ from quiver.routing.centroid import CentroidRouter
 from quiver.routing.layer import MIXTURES, MixtureStrategy, RoutedLinear
 from quiver.routing.model import RoutingContext, attach_experts, detach_experts
 from quiver.routing.phatgoose import PhatgooseRouter
+from quiver.routing.spectr import SpectrRouter
 from quiver.routing.uniform import UniformRouter
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "PhatgooseRouter",
     "RoutedLinear",
     "RoutingContext",
+    "SpectrRouter",
     "UniformRouter",
     "attach_experts",
     "detach_experts",

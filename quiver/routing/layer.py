@@ -29,6 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from quiver.routing.spectr import update_grams
+
 # ----------------------------------------------------------------------------- mixtures
 # Every mixture takes x (t, in), weights and indices (t, k), a_stack (E, R, in), b_rows
 # (E*R, out), where row e*R + j of b_rows is column j of expert e's s*B, and optionally
@@ -248,6 +250,15 @@ class RoutedLinear(nn.Module):
         index = self._sparse_index(indices) if strategy == "sparse" else None
         mixture = MIXTURES[strategy](flat, weights, indices, self.a_stack, self.b_rows, h, index)
         return self._add_base(flat, mixture).view(*x.shape[:-1], self.out_features)
+
+    def update_grams(self) -> torch.Tensor:
+        """(E, R, R) Gram matrices of the experts' s*B at this layer (SpectR's router), made
+        on first use and again only if the stacked factors change."""
+        version = (self.b_rows.data_ptr(), self.b_rows._version, self.b_rows.device)
+        if getattr(self, "_grams_version", None) != version:
+            self._grams = update_grams(self.b_rows, self.a_stack.shape[0])
+            self._grams_version = version
+        return self._grams
 
     def _sparse_index(self, indices: torch.Tensor) -> SparseIndex:
         """The index tensors for this token count, made once (decoding repeats t each step)."""

@@ -43,6 +43,8 @@ class RoutingContext:
         `projections` is x @ keys^T when the layer has already computed it."""
         if self.forced is not None:
             weights, indices = self._forced_route(layer, x.shape[0])
+        elif getattr(self.router, "reads_factors", False):
+            weights, indices = self.router(x, layer.a_stack, layer.update_grams())
         elif projections is not None:
             weights, indices = self.router(x, layer.keys, projections)
         else:
