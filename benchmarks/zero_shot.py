@@ -36,6 +36,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import stats  # noqa: E402
+from stats import BOOTSTRAP, interval  # noqa: E402
 from train_throughput import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -180,7 +182,6 @@ BUDGETS = {  # steps are per expert; cluster and shared experts see more tasks, 
              "max_length": 512, "dtype": "auto", "lr": 5e-4, "split": "all",
              "workers": 4, "cpus_per_job": 3, "eval_workers": 4},
 }
-BOOTSTRAP = 2000
 
 
 def methods(names: dict[str, list[str]], budget: dict) -> list[dict]:
@@ -532,21 +533,8 @@ def hits(report: dict) -> dict[str, np.ndarray]:
 
 def bootstrap_average(per_task: list[dict[str, np.ndarray]], seed: int = 0) -> np.ndarray:
     """(B, len(per_task)) bootstrap averages over tasks of the mean hit rate (in %), with the
-    same resampled examples for every method (so differences are paired)."""
-    rng = np.random.default_rng(seed)
-    tasks = list(per_task[0])
-    totals = np.zeros((BOOTSTRAP, len(per_task)))
-    for task in tasks:
-        n = len(per_task[0][task])
-        draws = rng.integers(0, n, size=(BOOTSTRAP, n))
-        for m, method_hits in enumerate(per_task):
-            totals[:, m] += method_hits[task][draws].mean(axis=1)
-    return 100 * totals / len(tasks)
-
-
-def interval(samples: np.ndarray) -> tuple[float, float]:
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return float(low), float(high)
+    same resampled examples for every method (so differences are paired): stats.py's."""
+    return 100 * stats.bootstrap_average(per_task, seed=seed, draws=BOOTSTRAP)
 
 
 def summarise(reports: list[dict]) -> dict:

@@ -143,13 +143,16 @@ def check_same_base(model: nn.Module, library: Library, names: list[str]) -> Non
 
 
 @contextmanager
-def recording_routing(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Count, per layer, how often each expert is chosen while the block runs.
+def recording_routing(model: nn.Module, weighted: bool = False
+                      ) -> Iterator[dict[str, torch.Tensor]]:
+    """Count, per layer, how often each expert is chosen while the block runs (`weighted`:
+    the routing weight each expert got, summed over tokens, instead).
 
     Yields `{layer name: counts (E,)}` indexed like `routing_context(model).expert_names`.
     """
     context = routing_context(model)
-    context.counts = {layer.name: torch.zeros(len(context.expert_names), dtype=torch.long)
+    dtype = torch.float64 if weighted else torch.long
+    context.counts = {layer.name: torch.zeros(len(context.expert_names), dtype=dtype)
                       for layer in context.layers}
     try:
         yield context.counts

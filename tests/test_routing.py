@@ -324,3 +324,24 @@ def test_spectr_routes_a_real_model_with_the_layer_s_own_factors(tiny, tiny_libr
     norms = torch.stack([(scale * b @ a @ x.T).norm(dim=0) for a, b in factors.values()], 1)
     assert indices.flatten().tolist() == norms.argmax(dim=1).tolist()
     assert torch.all(weights == 1.0) and not torch.allclose(logits, base)
+
+
+def test_recording_routing_counts_choices_or_sums_routing_weight(tiny, tiny_library):
+    """Per layer, k choices per token, and routing weights that sum to 1 per token."""
+    from quiver.reuse import recording_routing
+
+    model, tokenizer = tiny
+    ids = tokenizer("Repeat: apple 3\nAnswer:", return_tensors="pt").input_ids
+    routed = quiver.reuse(model, tiny_library, method="arrow", top_k=2)
+    try:
+        with torch.no_grad(), recording_routing(routed) as counts:
+            routed(ids)
+        with torch.no_grad(), recording_routing(routed, weighted=True) as weights:
+            routed(ids)
+    finally:
+        detach_experts(model)
+    tokens = ids.shape[1]
+    assert all(int(c.sum()) == 2 * tokens for c in counts.values())
+    for layer, mass in weights.items():
+        assert mass.dtype == torch.float64 and float(mass.sum()) == pytest.approx(tokens)
+        assert ((mass > 0) == (counts[layer] > 0)).all()

@@ -28,7 +28,8 @@ class RoutingContext:
 
     `forced`: the index (in `expert_names`) of the one expert every token uses (the oracle,
     set per task), or None to let the router decide. `counts`: when not None, how often each
-    expert was chosen at each layer.
+    expert was chosen at each layer (integer counts), or the routing weight it got, summed
+    over tokens (float counts).
     """
 
     router: object
@@ -49,11 +50,13 @@ class RoutingContext:
             weights, indices = self.router(x, layer.keys, projections)
         else:
             weights, indices = self.router(x, layer.keys)
-        if self.counts is not None:
-            chosen = layer.expert_ids[indices].flatten()
-            self.counts[layer.name] += torch.bincount(
-                chosen.cpu(), minlength=len(self.expert_names)
-            )
+        if self.counts is not None:  # choices, or routing weight with float counts
+            chosen = layer.expert_ids[indices].flatten().cpu()
+            counts = self.counts[layer.name]
+            mass = weights.detach().flatten().double().cpu() if counts.is_floating_point() \
+                else None
+            counts += torch.bincount(chosen, weights=mass,
+                                     minlength=len(self.expert_names)).to(counts.dtype)
         return weights, indices
 
     def top_k(self, n_experts: int) -> int | None:
