@@ -1,39 +1,26 @@
 #!/usr/bin/env bash
-# benchmarks/gpu.sh: issue 20's GPU measurements in one prepared script, at most 9.5 minutes
+# benchmarks/gpu.sh: the GPU measurements (issues 20 and 30) in one prepared script, at most 9.5 minutes
 # of wall time on one H100 / H200 (a lent machine gives 15 minutes of device time in all,
 # start-up included, and no network). Three stages, each under `timeout` within one deadline:
 #   routing    benchmarks/routing.py --device cuda --experts 32 128: Arrow prefill and decode
 #              time over the bare model's, peak CUDA memory
 #   serving    benchmarks/serving.py --device cuda --concurrency 32: `quiver serve` throughput
 #              with 32 clients, against PEFT's mixed-adapter batches
-#   zero_shot  benchmarks/zero_shot.py --budget gpu: 32 private experts, MBC on the updates,
-#              shared, merges; base, shared, uniform merge, Arrow private, Arrow MBC and the
-#              oracle (selection transfer matrix) on the held-out BIG-bench Lite tasks
-# routing and serving go first (short and predictable), zero_shot gets the rest of the time.
+#   families   benchmarks/families.py --budget gpu: the reasoning-gym families comparison
+#              (24 private experts at 300 steps, MBC on parameters and updates, shared, the
+#              uniform merge; base, Arrow, SpectR, PHATGOOSE, the oracle on relatives and
+#              strangers); a rerun on a still-warm machine resumes it
+# routing and serving go first (short and predictable), families gets the rest of the time.
 # A stage that fails or runs out of time does not stop the next ones; the script then exits 1.
 # Everything lands in $OUT: results/ (every table: routing.{md,json}, serving.{md,json},
-# zero_shot_gpu.{md,json,png}, zero_shot_gpu_analysis.md, ...), logs/<stage>.log,
-# zero_shot_eval.tar.gz (the run folder's eval/*/*.json, partial ones too), env.txt (versions)
-# and SUMMARY.md (what finished, the wall time of each stage, nvidia-smi's GPU name).
+# families_gpu.{md,json} and its plots), logs/<stage>.log, families_eval.tar.gz (the run
+# folder's eval/ reports, partial ones too), env.txt (versions) and SUMMARY.md (what finished,
+# the wall time of each stage, nvidia-smi's GPU name).
 #
 # Usage
-#   here, once:    bash benchmarks/gpu_stage.sh     # .device/a and .device/b, each < 64 MiB;
-#                  it runs stage.sh with zero_shot.py's gpu tasks, i.e.
-#                  bash ../shared/device/stage.sh fact_checker presuppositions_as_nli \
-#                    entailed_polarity misconceptions anachronisms logical_fallacy_detection \
-#                    epistemic_reasoning cause_and_effect fantasy_reasoning goal_step_wikihow \
-#                    social_iqa social_support moral_permissibility implicatures \
-#                    intent_recognition movie_dialog_same_or_different emojis_emotion_prediction \
-#                    metaphor_boolean physics parsinlu_qa hinglish_toxicity qa_wikidata \
-#                    auto_categorization periodic_elements kannada cs_algorithms \
-#                    entailed_polarity_hindi cryobiology_spanish swahili_english_proverbs \
-#                    metaphor_understanding understanding_fables timedial emoji_movie strategyqa \
-#                    vitaminc_fact_verification winowhy formal_fallacies_syllogisms_negation \
-#                    hindu_knowledge conceptual_combinations bbq_lite_json \
-#                    play_dialog_same_or_different strange_stories language_identification \
-#                    logical_deduction code_line_description known_unknowns \
-#                    misconceptions_russian novel_concepts logic_grid_puzzle symbol_interpretation
-#                  plus the serving wheels (.device/a/serve-whl)
+#   here, once:    bash benchmarks/gpu_stage.sh     # .device/a and .device/b, each < 64 MiB:
+#                  the model in two xz halves, reasoning-gym's wheels built for Python 3.12,
+#                  the gguf / transformers / peft wheels, the serving wheels
 #   device call 1, carry [".device/a"]:   mkdir -p /root/dev && cp -r .device/a /root/dev/
 #   device call 2 at once, carry [".device/b"], timeout_s 600:   bash benchmarks/gpu.sh
 #                  (runs /root/dev/a/setup.sh and sources /root/dev/a/env.sh itself; copies
@@ -72,8 +59,9 @@ if [ "$tiny" = 1 ]; then
   rm -rf "$work"  # a fresh check every time (a cached evaluation would hide a failure)
   routing_args=(--experts 4 8 --peft-max 0 --repeats 1 --rounds 1)
   serving_args=(--concurrency 8 --requests 8 --max-tokens 4)
-  zero_shot_args=(--set tasks=4 private_steps=2 cluster_steps=2 shared_steps=2 clusters=2
-                  held_out=3 limit=6 select=5 workers=1 eval_workers=1 batch=4 max_length=128)
+  families_args=(--set train=6 held_out=1 private_steps=2 cluster_steps=2 shared_steps=2
+                 clusters=2 limit=6 select=4 own_limit=4 gate_steps=2 workers=1 batch=4
+                 max_length=128)
 else
   mode="GPU run"; device=cuda; PY=${PY:-python3}
   deadline=${QUIVER_GPU_DEADLINE:-570}
@@ -81,10 +69,10 @@ else
   work=${QUIVER_GPU_WORK:-/tmp/quiver-gpu-work}
   routing_args=(--experts 32 128 --peft-max 0 --repeats 3 --rounds 2)
   serving_args=(--concurrency 32)
-  zero_shot_args=()
+  families_args=()
 fi
 mkdir -p "$work"
-run_dir="$work/zero-shot-gpu"
+run_dir="$work/families-gpu"
 # The benchmarks name the commit with `git rev-parse --short HEAD`: where the tree came without
 # its .git (or git itself is missing), a stand-in answers with the commit gpu_stage.sh wrote.
 if ! git rev-parse --short HEAD > /dev/null 2>&1; then
@@ -173,7 +161,7 @@ serve_check() {
 # ------------------------------------------------------------------------------ stages
 # stage NAME MOST COMMAND...: at most MOST seconds (or what the deadline leaves, less the
 # reserve), output into logs/NAME.log; a killed stage's processes go with it (timeout signals
-# its whole process group: zero_shot's workers, serving's server).
+# its whole process group: families' training workers, serving's server).
 stage() {
   local name=$1 most=$2; shift 2
   local left=$(( deadline - ($(date +%s) - started) - reserve ))
@@ -205,13 +193,13 @@ serving_env=(OMP_NUM_THREADS=1)  # with the serving wheels first on its path if 
 [ -n "$serve_path" ] && serving_env+=(PYTHONPATH="$serve_path${PYTHONPATH:+:$PYTHONPATH}")
 stage serving "$serving_max" env "${serving_env[@]}" "$PY" benchmarks/serving.py \
   --device "$device" --library "$work/serving" --results "$OUT/results" "${serving_args[@]}"
-stage zero_shot "$deadline" "$PY" benchmarks/zero_shot.py --budget gpu --run "$run_dir" \
-  --results "$OUT/results" "${zero_shot_args[@]}"
+stage families "$deadline" "$PY" benchmarks/families.py --budget gpu --run "$run_dir" \
+  --results "$OUT/results" "${families_args[@]}"
 
 # ------------------------------------------------------------------------------- output
 if [ -d "$run_dir/eval" ]; then
   (cd "$run_dir/eval" && find . -name '*.json' | sort | tar -czf \
-     "$OUT/zero_shot_eval.tar.gz" -T -) || log "could not archive $run_dir/eval"
+     "$OUT/families_eval.tar.gz" -T -) || log "could not archive $run_dir/eval"
 fi
 gpu="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
       | head -n 1)"
@@ -235,8 +223,8 @@ total=$(( $(date +%s) - started ))
   echo
   tables="$(cd "$OUT/results" && find . -type f | sort | sed 's|^\./|- |')"
   echo "${tables:-(none)}"
-  [ -f "$OUT/zero_shot_eval.tar.gz" ] && echo && echo "zero_shot_eval.tar.gz:" \
-    "$(tar -tzf "$OUT/zero_shot_eval.tar.gz" | wc -l) evaluation reports (the run's eval/*/*.json)"
+  [ -f "$OUT/families_eval.tar.gz" ] && echo && echo "families_eval.tar.gz:" \
+    "$(tar -tzf "$OUT/families_eval.tar.gz" | wc -l) evaluation reports (the run's eval/)"
   for i in "${!names[@]}"; do
     if [ "${results[$i]}" != ok ] && [ -f "$OUT/logs/${names[$i]}.log" ]; then
       echo; echo "## ${names[$i]}: ${results[$i]} (last lines of its log)"; echo
