@@ -14,11 +14,15 @@ echo "quiver setup: installing into $root/.venv (first run takes a few minutes)"
 log=".venv/setup.log"
 : > "$log"
 
-# install WHAT ARGS...: pip install ARGS, or one line naming WHAT and exit 1.
+# install WHAT ARGS...: pip install ARGS, or one line naming the package pip could not get
+# (else WHAT) and exit 1.
 install() {
   local what="$1"; shift
   if ! .venv/bin/python -m pip install -q "$@" >>"$log" 2>&1; then
-    echo "quiver setup: cannot install $what from the package registry (pip's output: $log)" >&2
+    local missing
+    missing="$(grep -o 'No matching distribution found for [^ ]*' "$log" | tail -n 1 | cut -d' ' -f6)"
+    echo "quiver setup: cannot install ${missing:-$what} from the package registry" \
+         "(needed by $what; pip's output: $log)" >&2
     exit 1
   fi
 }
