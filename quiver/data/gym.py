@@ -161,16 +161,16 @@ def _generate(generator: str, config_json: str) -> tuple[Any, tuple[dict, ...]]:
     config = {"size": DEFAULT_SIZE, "seed": DEFAULT_SEED, **json.loads(config_json)}
     import reasoning_gym
 
-    try:
-        dataset = reasoning_gym.create_dataset(generator, **config)
-    except (AssertionError, ValueError, TypeError) as err:
-        raise QuiverError(f"reasoning-gym refuses {generator} with {config}: {err}") from err
     entries, seen = [], set()
-    for index in range(len(dataset)):
-        entry = dataset[index]
-        if entry["question"] not in seen:
-            seen.add(entry["question"])
-            entries.append(entry)
+    try:  # a setting the generator cannot honour may only show while generating
+        dataset = reasoning_gym.create_dataset(generator, **config)
+        for index in range(len(dataset)):
+            entry = dataset[index]
+            if entry["question"] not in seen:
+                seen.add(entry["question"])
+                entries.append(entry)
+    except (AssertionError, ValueError, TypeError, IndexError) as err:
+        raise QuiverError(f"reasoning-gym refuses {generator} with {config}: {err}") from err
     return dataset, tuple(entries)
 
 
