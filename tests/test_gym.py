@@ -88,7 +88,7 @@ def test_closed_answer_set_can_be_scored_as_multiple_choice(tiny):
     ("gym:chain_sum?size=5&size=6", "given twice"),
     ("gym:chain_sum?min_terms=5&max_terms=2", "refuses chain_sum"),
     ("gym:boxnet?size=5", "no reference answers"),
-    ("gym:chain_sum?size=0", "no usable examples"),
+    ("gym:chain_sum?size=0", "size must be positive"),
 ])
 def test_bad_gym_names_are_one_clear_error(name, message):
     with pytest.raises(QuiverError, match=message):
