@@ -53,7 +53,7 @@ TRAIN = [
 
 RELATIVES_BY_SETTING = [
     "gym:chain_sum?max_digits=3&max_terms=3&min_digits=3&min_terms=3",
-    "gym:spell_backward?max_word_len=10&min_word_len=8",
+    "gym:spell_backward?min_word_len=8",  # up to 10 letters, the default
     "gym:letter_counting?max_words=12&min_words=8",
     "gym:products?max_digits=3&min_digits=3",
 ]

@@ -29,6 +29,13 @@ def test_knobs_in_the_name_reach_the_generator_and_the_name_is_canonical():
     assert task.metadata["config"]["max_terms"] == 2 and task.metadata["family"] == "arithmetic"
 
 
+def test_knobs_at_their_defaults_are_left_out_of_the_name():
+    assert load_task("gym:chain_sum?size=1000&seed=0&max_terms=6").name == "gym:chain_sum"
+    assert load_task("gym:syllogism?mc=false&size=40").name == "gym:syllogism?size=40"
+    assert load_task("gym:chain_sum?max_terms=3&size=50").name == (
+        "gym:chain_sum?max_terms=3&size=50")
+
+
 def test_same_name_gives_the_same_examples_and_seed_changes_them():
     a = [e.prompt for e in load_task("gym:spell_backward?size=50").examples]
     b = [e.prompt for e in load_task("spell_backward?size=50").examples]  # a bare name

@@ -106,10 +106,14 @@ def parse_name(name: str) -> tuple[str, dict[str, Any]]:
 
 
 def canonical_name(generator: str, settings: dict[str, Any]) -> str:
-    """One spelling per task: knobs sorted, values written compactly."""
-    if not settings:
+    """One spelling per task: knobs at their defaults left out, the others sorted and their
+    values written compactly (`gym:chain_sum?size=1000&max_terms=3` is
+    `gym:chain_sum?max_terms=3`)."""
+    defaults = {**knobs(generator), "mc": False}
+    chosen = {k: v for k, v in settings.items() if defaults.get(k, object()) != v}
+    if not chosen:
         return PREFIX + generator
-    query = "&".join(f"{k}={_spelling(settings[k])}" for k in sorted(settings))
+    query = "&".join(f"{k}={_spelling(chosen[k])}" for k in sorted(chosen))
     return f"{PREFIX}{generator}?{query}"
 
 
