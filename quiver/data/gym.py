@@ -109,12 +109,17 @@ def canonical_name(generator: str, settings: dict[str, Any]) -> str:
     """One spelling per task: knobs at their defaults left out, the others sorted and their
     values written compactly (`gym:chain_sum?size=1000&max_terms=3` is
     `gym:chain_sum?max_terms=3`)."""
-    defaults = {**knobs(generator), "mc": False}
-    chosen = {k: v for k, v in settings.items() if defaults.get(k, object()) != v}
+    chosen = _chosen(generator, settings)
     if not chosen:
         return PREFIX + generator
     query = "&".join(f"{k}={_spelling(chosen[k])}" for k in sorted(chosen))
     return f"{PREFIX}{generator}?{query}"
+
+
+def _chosen(generator: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that differ from their defaults."""
+    defaults = {**knobs(generator), "mc": False}
+    return {k: v for k, v in settings.items() if defaults.get(k, object()) != v}
 
 
 def load(name: str) -> Task:
@@ -126,7 +131,8 @@ def load(name: str) -> Task:
     """
     generator, settings = parse_name(name)
     as_choice = bool(settings.get("mc", False))
-    config = {k: v for k, v in settings.items() if k not in _QUIVER_KNOBS}
+    # only the settings that differ from the defaults: one spelling, one generation
+    config = {k: v for k, v in _chosen(generator, settings).items() if k not in _QUIVER_KNOBS}
     dataset, entries = _generate(generator, json.dumps(config, sort_keys=True))
     if all(e["answer"] is None for e in entries):
         raise QuiverError(f"task {name!r}: {generator} gives no reference answers "

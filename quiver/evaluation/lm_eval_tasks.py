@@ -125,6 +125,8 @@ def write_task_configs(
         raise QuiverError("generative tasks need the model's tokenizer for their generation "
                           "budget")
     folder.mkdir(parents=True, exist_ok=True)
+    if any(t.kind != "mc" for t in tasks):  # the process_results the generative configs name
+        (folder / f"{SCORER_MODULE}.py").write_text(SCORER_SOURCE, encoding="utf-8")
     written = [_write_task(folder, task, limit) if task.kind == "mc" else
                _write_generative_task(folder, task, limit, tokenizer, max_new_tokens)
                for task in tasks]
@@ -210,8 +212,6 @@ def _write_generative_task(folder: Path, task: Task, limit: int, tokenizer,
     data = folder / f"{name}.jsonl"
     data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs),
                     encoding="utf-8")
-    scorer = folder / f"{SCORER_MODULE}.py"
-    scorer.write_text(SCORER_SOURCE, encoding="utf-8")
     config = folder / f"{name}.yaml"
     budget = generation_budget(tokenizer, examples, max_new_tokens)
     _write_yaml(config, {
