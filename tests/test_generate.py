@@ -92,3 +92,103 @@ def test_generate_cli(served_library, served, served_references):
     assert stop_ids(served) == {served.tokenizer.eos_token_id}
     bad = runner.invoke(app, ["generate", "Hi", "--library", url, "--expert", "nope"])
     assert bad.exit_code != 0
+
+
+class _Poison:
+    """Makes every row that asked for `expert:c` fail inside the forward pass, the other rows
+    untouched: its tokens' routing weights become NaN (`nan`), or the routing raises when such
+    a row is in the pass (`raise`), in the prefill passes (`prefill`) or once decoding has
+    begun (`decode`)."""
+
+    def __init__(self, served, how: str, when: str) -> None:
+        self.context, self.how, self.when = served.context, how, when
+        self.poisoned = served.route("expert:c")
+        self.rows, self.per_row = [], 1
+        self.set_rows, self.route = self.context.set_rows, self.context.route
+        self.context.set_rows, self.context.route = self._set_rows, self._route
+
+    def undo(self) -> None:
+        del self.context.set_rows, self.context.route
+
+    def _set_rows(self, routes, tokens_per_row):
+        self.rows, self.per_row = list(routes), tokens_per_row
+        self.set_rows(routes, tokens_per_row)
+
+    def _route(self, layer, x, projections=None):
+        weights, indices = self.route(layer, x, projections)
+        bad = [r for r, route in enumerate(self.rows) if route == self.poisoned]
+        if not bad or (self.per_row > 1) != (self.when == "prefill"):
+            return weights, indices
+        if self.how == "raise":
+            raise RuntimeError("poisoned routing")
+        tokens = torch.tensor([r * self.per_row + j for r in bad for j in range(self.per_row)])
+        weights = weights.clone()
+        weights[tokens] = float("nan")
+        return weights, indices
+
+
+@pytest.mark.parametrize("how", ["nan", "raise"])
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_a_poisoned_row_fails_alone(served, served_references, how, when):
+    """Rows of `expert:c` fail in the forward pass beside healthy rows of every other name:
+    they end alone with an error; every healthy row gives, token by token, what it gives
+    alone (and the engine serves on)."""
+    healthy = [(n, p) for n in NAMES if n != "expert:c" for p in PROMPTS[:2]]
+    # prompts of several tokens: a pass of one token per row is a decoding pass to _Poison
+    combos = [("expert:c", PROMPTS[0])] + healthy + [("expert:c", PROMPTS[2])]
+    poison = _Poison(served, how, when)
+    engine = Engine(served, EngineConfig(max_batch=6)).start()  # newcomers join mid-way
+    try:
+        events = engine.generate([(served.tokenizer(p).input_ids, served.route(n),
+                                   SamplingParams(max_new_tokens=STEPS)) for n, p in combos],
+                                 keep_logits=True)
+    finally:
+        poison.undo()
+    try:
+        (after,) = engine.generate([(served.tokenizer(PROMPTS[0]).input_ids,
+                                     served.route("expert:c"), SamplingParams(max_new_tokens=2))])
+    finally:
+        engine.stop()
+    for combo, got in zip(combos, events, strict=True):
+        if combo[0] == "expert:c":
+            assert got[-1].finish == "error"
+            assert ("NaN" if how == "nan" else "poisoned routing") in got[-1].error
+            assert len(got) == (1 if when == "prefill" else 2)  # decode: one token, then it
+            continue
+        tokens, logits = served_references[combo]
+        assert [e.token for e in got] == tokens, combo
+        torch.testing.assert_close(torch.stack([e.logits for e in got]), logits,
+                                   atol=1e-4, rtol=1e-4)
+    assert [e.token for e in after] == served_references[("expert:c", PROMPTS[0])][0][:2]
+
+
+def test_a_failing_sampler_fails_its_row_alone(served, served_references, monkeypatch):
+    """A row whose sampling raises ends alone; a temperature too small to divide by is
+    greedy, and a seed beyond 64 bits is refused before it reaches the engine."""
+    from quiver.errors import QuiverError
+    from quiver.serving import sampling
+
+    ids = served.tokenizer(PROMPTS[0]).input_ids
+    broken = SamplingParams(max_new_tokens=STEPS, temperature=1.0, seed=11)
+    tiny_temperature = SamplingParams(max_new_tokens=STEPS, temperature=1e-45, seed=5)
+    real_call = sampling.Sampler.__call__
+
+    def call(self, logits):
+        if self.params is broken:
+            raise RuntimeError("sampling broke")
+        return real_call(self, logits)
+
+    monkeypatch.setattr(sampling.Sampler, "__call__", call)
+    engine = Engine(served).start()
+    try:
+        bad, greedy, plain = engine.generate([(ids, served.route("arrow"), broken),
+                                              (ids, served.route("arrow"), tiny_temperature),
+                                              (ids, served.route("base"),
+                                               SamplingParams(max_new_tokens=STEPS))])
+    finally:
+        engine.stop()
+    assert [e.finish for e in bad] == ["error"] and "sampling broke" in bad[0].error
+    assert [e.token for e in greedy] == served_references[("arrow", PROMPTS[0])][0]
+    assert [e.token for e in plain] == served_references[("base", PROMPTS[0])][0]
+    with pytest.raises(QuiverError, match="64-bit"):
+        SamplingParams(seed=2**64)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo, Library
@@ -125,6 +126,7 @@ def test_import_refuses_pickled_adapters(tiny_library, tmp_path):
     ("corrupt", "corrupt safetensors"),
     ("config", "corrupt adapter_config"),
     ("dora", "not supported"),
+    ("nan", "NaN or infinite"),
 ])
 def test_import_refuses_bad_adapters_and_writes_nothing(tiny_library, tmp_path, damage, message):
     library = _copy_library_with(tiny_library, tmp_path)
@@ -143,6 +145,10 @@ def test_import_refuses_bad_adapters_and_writes_nothing(tiny_library, tmp_path, 
         (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     if damage == "config":
         config_path.write_text("{")
+    if damage == "nan":  # one NaN would reach every mixture that holds this expert
+        weights = load_file(folder / "adapter_model.safetensors")
+        next(iter(weights.values()))[0, 0] = float("nan")
+        save_file(weights, folder / "adapter_model.safetensors")
     with pytest.raises(QuiverError, match=message):
         library.import_peft(str(folder), "bad")
     assert library.names() == ["alpha"]

@@ -130,6 +130,51 @@ def test_errors_in_openai_shape(client, server):
     assert set(json.loads(response.read())["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"seed": 2**64, "temperature": 0.7}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"n": 0}, "n"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"logit_bias": {"5": 1}}, "logit_bias"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    (b'{"model": "base", "prompt": "Hi", "max_tokens": ' + b"9" * 5000 + b"}", None),
+    (b"[" * 100_000, None),
+    (b'{"model": "base", "prompt": "Hi", "top_p": NaN}', None),
+    (b'"just a string"', None),
+])
+def test_out_of_range_and_malformed_bodies_are_400_on_a_connection_that_stays(
+        server, expected, body, param):
+    """Each bad body is a 400 in OpenAI's shape naming the field, never a 500, and the same
+    keep-alive connection then answers a valid request (a temperature of 1e-45 is greedy)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server, timeout=30)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    if isinstance(body, dict):
+        body = json.dumps({"model": "base", "prompt": "Hi", **body}).encode()
+    connection.request("POST", "/v1/completions", body=body, headers=headers)
+    response = connection.getresponse()
+    error = json.loads(response.read())["error"]
+    assert response.status == 400 and error["param"] == param, error
+    assert response.getheader("connection") != "close" and response.getheader("x-request-id")
+    prompt = SERVED_PROMPTS[0]
+    connection.request("POST", "/v1/completions", headers=headers, body=json.dumps(
+        {"model": "expert:ab", "prompt": prompt, "max_tokens": TOKENS, "temperature": 1e-45,
+         "seed": 3}).encode())
+    response = connection.getresponse()
+    assert response.status == 200
+    assert json.loads(response.read())["choices"][0]["text"] == expected[("expert:ab", prompt)]
+    connection.close()
+
+
+def test_a_body_that_says_it_is_not_json_is_400(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server, timeout=30)
+    connection.request("POST", "/v1/completions", body=b'{"model": "base", "prompt": "Hi"}',
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"})
+    response = connection.getresponse()
+    assert response.status == 400
+    assert "application/json" in json.loads(response.read())["error"]["message"]
+
+
 def test_full_server_answers_429_and_disconnects_free_slots(client, server):
     streams = [client.completions.create(model="base", prompt="Hi", max_tokens=256,
                                          temperature=0, stream=True) for _ in range(32)]

@@ -33,8 +33,12 @@ def check_adapter(
         modules: `{module name: [in, out]}` of the base model, or None to skip shape checks.
 
     Raises:
-        QuiverError: not LoRA, unsupported LoRA options, rank or target-module mismatch.
+        QuiverError: not LoRA, unsupported LoRA options, rank or target-module mismatch,
+            NaN or infinite weights.
     """
+    for key, tensor in weights.items():  # one broken expert would break every mixture with it
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise QuiverError(f"the adapter's weight {key} has NaN or infinite values")
     if adapter_config.get("peft_type") == "POLY":
         check_poly_adapter(adapter_config, weights, modules)
         return

@@ -26,6 +26,13 @@ other caches are refused in one line.
 Why prefill separately rather than in the decode pass: a row's prompt and another row's
 single next token have different lengths, and a padded (B, prompt) pass would compute every
 decoding row's padding. Two passes in a step with newcomers, one otherwise.
+
+One request never fails another. A row whose sampling raises, or whose logits are not finite
+(a broken expert, an overflow), ends alone with an "error" event. A forward pass that raises
+is undone (the layers it had appended to are cut back) and repeated one row at a time, so
+only the rows that fail alone fail; the others go on from the same cache and compute what
+they would have computed anyway. Only an error outside the forward passes (the engine's own
+bookkeeping) fails the whole batch.
 """
 
 from __future__ import annotations
@@ -179,8 +186,8 @@ class Engine:
                 self._drop_cancelled()
                 try:
                     self._step(joiners)
-                except Exception as err:  # fail these requests, keep serving the next ones
-                    message = f"{err.__class__.__name__}: {err}"
+                except Exception as err:  # the engine's own bug: fail the batch, serve on
+                    message = _describe(err)
                     for request in [r.request for r in self._rows] + joiners:
                         request.emit(Event(finish="error", error=message))
                     self._rows, self._cache, self._mask = [], None, None
@@ -213,13 +220,12 @@ class Engine:
 
     def _step(self, joiners: list[Request]) -> None:
         if self._rows:
-            self._sample(self._rows, self._decode())
+            self._sample(self._rows, *self._decode())
             self._select([i for i, row in enumerate(self._rows) if not row.finished])
             self._rows = [row for row in self._rows if not row.finished]
-        if joiners:
-            rows = [_Row(r, Sampler(r.sampling), len(r.prompt_ids)) for r in joiners]
-            cache, mask, logits = self._prefill(joiners)
-            self._sample(rows, logits)
+        for group, (cache, mask, logits) in self._prefill_isolated(joiners):
+            rows = [_Row(r, Sampler(r.sampling), len(r.prompt_ids)) for r in group]
+            self._sample(rows, logits, {})
             keep = [i for i, row in enumerate(rows) if not row.finished]
             self._merge([rows[i] for i in keep], cache, mask, keep)
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
@@ -233,16 +239,71 @@ class Engine:
         self.steps += 1
         return out.logits[:, -1]
 
-    def _decode(self) -> torch.Tensor:
+    def _decode(self) -> tuple[torch.Tensor, dict[int, str]]:
+        """One token for every row: (logits (B, vocab), {row: error} for rows that failed)."""
         device = self._device()
         ids = torch.tensor([[row.next_token] for row in self._rows], device=device)  # (B, 1)
         positions = torch.tensor([[row.length] for row in self._rows], device=device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], 1)
-        logits = self._forward(ids, self._mask, positions, self._cache,
-                               [row.request.route for row in self._rows])
+        mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], 1)
+        routes = [row.request.route for row in self._rows]
+        length = self._mask.shape[1]
+        try:
+            logits, errors = self._forward(ids, mask, positions, self._cache, routes), {}
+        except Exception:  # one row's fault, perhaps: undo the pass, then a row at a time
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
+            logits, errors = self._decode_rows(ids, mask, positions, routes)
+        self._mask = mask
         for row in self._rows:
             row.length += 1
-        return logits
+        return logits, errors
+
+    def _decode_rows(self, ids, mask, positions, routes):
+        """The decode pass one row at a time, from the same cache; a failed row's logits and
+        cached column are zeros (the row leaves the batch after sampling)."""
+        batch = [(layer.keys, layer.values) for layer in self._cache.layers]
+        columns, logits, errors = [], [], {}
+        for i in range(len(routes)):
+            for layer, (keys, values) in zip(self._cache.layers, batch, strict=True):
+                layer.keys, layer.values = keys[i : i + 1], values[i : i + 1]
+            try:
+                logits.append(self._forward(ids[i : i + 1], mask[i : i + 1],
+                                            positions[i : i + 1], self._cache, [routes[i]])[0])
+                columns.append([(layer.keys[..., -1:, :], layer.values[..., -1:, :])
+                                for layer in self._cache.layers])
+            except Exception as err:
+                errors[i] = _describe(err)
+                logits.append(None)
+                columns.append(None)
+        for n, (layer, (keys, values)) in enumerate(zip(self._cache.layers, batch, strict=True)):
+            zeros = torch.zeros_like(keys[:1, ..., :1, :])
+            layer.keys = torch.cat([keys, torch.cat(
+                [zeros if c is None else c[n][0] for c in columns])], -2)
+            layer.values = torch.cat([values, torch.cat(
+                [zeros if c is None else c[n][1] for c in columns])], -2)
+        done = [x for x in logits if x is not None]
+        blank = torch.zeros_like(done[0]) if done else torch.zeros(1)
+        return torch.stack([blank if x is None else x for x in logits]), errors
+
+    def _prefill_isolated(self, joiners: list[Request]):
+        """(requests, (cache, mask, logits)) groups for the newcomers: all together, or, when
+        that pass raises, each alone; a request whose own prefill raises ends with an error."""
+        if not joiners:
+            return []
+        try:
+            return [(joiners, self._prefill(joiners))]
+        except Exception as err:
+            if len(joiners) == 1:
+                joiners[0].emit(Event(finish="error", error=_describe(err)))
+                return []
+        groups = []
+        for request in joiners:
+            try:
+                groups.append(([request], self._prefill([request])))
+            except Exception as err:
+                request.emit(Event(finish="error", error=_describe(err)))
+        return groups
 
     def _prefill(self, joiners: list[Request]):
         """A fresh cache for the newcomers' prompts (left-padded), and their next logits."""
@@ -265,11 +326,23 @@ class Engine:
                               "sequence (no sliding window or linear attention)")
         return cache, mask, logits
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Pick each row's next token, tell its request, and mark finished rows."""
-        for row, row_logits in zip(rows, logits, strict=True):
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, errors: dict[int, str]) -> None:
+        """Pick each row's next token, tell its request, and mark finished rows. A row that
+        failed in the forward pass, whose logits are not finite or whose sampling raises
+        finishes alone with an error."""
+        finite = torch.isfinite(logits).all(-1).tolist()  # (B,)
+        for i, (row, row_logits) in enumerate(zip(rows, logits, strict=True)):
             request = row.request
-            token = row.sampler(row_logits)
+            try:
+                if i in errors:
+                    raise _RowError(errors[i])
+                if not finite[i]:
+                    raise _RowError("the model computed NaN or infinite logits for this request")
+                token = row.sampler(row_logits)
+            except Exception as err:
+                row.finished = True
+                request.emit(Event(finish="error", error=_describe(err)))
+                continue
             row.generated += 1
             kept = row_logits.clone() if request.keep_logits else None
             if token in request.stop_ids:
@@ -326,6 +399,14 @@ class Engine:
 
     def _device(self) -> torch.device:
         return next(self.served.model.parameters()).device
+
+
+class _RowError(Exception):
+    """A failure of one row, already described."""
+
+
+def _describe(err: Exception) -> str:
+    return str(err) if isinstance(err, _RowError) else f"{err.__class__.__name__}: {err}"
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int = -1) -> torch.Tensor:

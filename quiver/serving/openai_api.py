@@ -2,6 +2,10 @@
 
 Request bodies are validated by pydantic; anything invalid is an `ApiError`, answered in
 OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
+Every number has the range OpenAI documents and the engine honours: `temperature` 0 to 2
+(below 1e-5 it is greedy, as 0), `top_p` above 0 up to 1, `seed` a 64-bit signed integer,
+`max_tokens` at least 1 (and at most the server's limit), `n` 1, penalties -2 to 2 (only 0
+implemented), at most 4 `stop` strings.
 Parameters quiver does not implement (several choices, log-probabilities, echo, penalties,
 tools) are refused by name rather than silently ignored; fields it does not know are ignored,
 as OpenAI's own clients send some (`user`, `metadata`, ...).
@@ -10,10 +14,13 @@ as OpenAI's own clients send some (`user`, `metadata`, ...).
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from quiver.serving.sampling import SEED_RANGE
+
+MAX_INT32 = 2**31 - 1  # the largest token count a request may name
 
 
 class ApiError(Exception):
@@ -30,22 +37,29 @@ class ApiError(Exception):
                           "code": self.code}}
 
 
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class _Request(BaseModel):
     """Fields common to completions and chat completions."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: _StreamOptions | None = None
     stop: str | list[str] | None = None
-    n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    n: int = Field(1, ge=1, le=128)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -54,12 +68,13 @@ class _Request(BaseModel):
         return stops
 
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def refuse_unsupported(self) -> None:
         """Refuse parameters quiver does not implement, by name."""
         unsupported = {"n": self.n != 1, "presence_penalty": self.presence_penalty != 0,
-                       "frequency_penalty": self.frequency_penalty != 0}
+                       "frequency_penalty": self.frequency_penalty != 0,
+                       "logit_bias": bool(self.logit_bias)}
         for name, used in unsupported.items():
             if used:
                 raise ApiError(400, f"{name} is not supported by this server", param=name)
@@ -68,9 +83,9 @@ class _Request(BaseModel):
 class CompletionRequest(_Request):
     prompt: str | list[str]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=128)
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, list):
@@ -112,16 +127,21 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
+    response_format: dict | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs:
-            raise ApiError(400, "logprobs is not supported by this server", param="logprobs")
-        if self.tools:
-            raise ApiError(400, "tools are not supported by this server", param="tools")
+        used = {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs is not None,
+                "tools": bool(self.tools),
+                "response_format": (self.response_format or {"type": "text"}).get("type")
+                != "text"}
+        for name, value in used.items():
+            if value:
+                raise ApiError(400, f"{name} is not supported by this server", param=name)
 
 
 def parse(cls: type[_Request], data: object) -> _Request:
@@ -144,10 +164,6 @@ def parse(cls: type[_Request], data: object) -> _Request:
 
 
 # ---------------------------------------------------------------------------- responses
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

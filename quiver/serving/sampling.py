@@ -2,6 +2,11 @@
 
 Each request samples with its own seeded generator, so a seeded request draws the same
 tokens whether it runs alone or in a batch with others (its logits being the same).
+
+Every value the fields allow can be honoured: seeds are 64-bit signed integers (what torch's
+generator takes), and a temperature below `GREEDY_BELOW` (1e-5) picks the most likely token as
+0 does, since dividing logits by it would overflow. Logits are shifted by their maximum before
+the division, so any larger temperature gives finite probabilities.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from quiver.errors import QuiverError
+
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed seed
 
 
 @dataclass
@@ -33,6 +41,8 @@ class SamplingParams:
             raise QuiverError(f"temperature must be between 0 and 2, not {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise QuiverError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise QuiverError(f"seed must be a 64-bit signed integer, not {self.seed}")
 
 
 class Sampler:
@@ -41,7 +51,7 @@ class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.generator = None
-        if params.temperature > 0:
+        if params.temperature >= GREEDY_BELOW:
             seed = params.seed if params.seed is not None else random.randrange(2**63)
             self.generator = torch.Generator().manual_seed(seed)
 
@@ -49,7 +59,8 @@ class Sampler:
         """The next token from one row's logits (vocab,)."""
         if self.generator is None:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float() / self.params.temperature, dim=-1).cpu()
+        logits = logits.float()
+        probs = torch.softmax((logits - logits.max()) / self.params.temperature, dim=-1).cpu()
         if self.params.top_p < 1.0:
             probs = _top_p(probs, self.params.top_p)
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -15,6 +15,13 @@ request ends or its client disconnects (its row leaves the batch at the engine's
 model names a request can use are looked up in the fixed table made at start-up
 (`ServedModel.routes`); nothing a request sends is used as a path, and the library is only
 read (at start-up).
+
+One request never hurts another: a body that is not a JSON object of the right shape (not
+JSON, nested too deeply, a number too long, another content type) is a 400; a row that fails
+in the engine ends its own request alone (a 500, or an error event then `[DONE]` in a stream);
+any other exception is a 500 in OpenAI's shape that leaves the connection open. Every
+response carries an `x-request-id`; every 5xx and every failed row is logged in one line with
+it, and a client that goes away before its answer in one line too.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -31,6 +40,7 @@ from fastapi import Depends, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from quiver.errors import QuiverError
 from quiver.serving import openai_api as api
@@ -41,6 +51,8 @@ from quiver.serving.openai_api import ApiError
 from quiver.serving.rows import Route, ServedModel
 from quiver.serving.sampling import SamplingParams
 from quiver.serving.text import TextStream
+
+log = logging.getLogger("quiver.serve")
 
 
 class _Slots:
@@ -159,7 +171,7 @@ def create_app(served: ServedModel, config: ServeConfig | None = None,
                   openapi_url=None)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _server_error)
+    app.add_middleware(_Guard)
 
     def authorize(http: HttpRequest) -> None:
         if api_key is None:
@@ -210,7 +222,7 @@ def create_app(served: ServedModel, config: ServeConfig | None = None,
         body = api.parse(api.CompletionRequest, await _json(http, config.max_body_bytes))
         ids = served.tokenizer(body.prompt_text()).input_ids
         job = job_for(body, ids, "prompt", default_max=16)  # OpenAI's default for completions
-        id = api.new_id("cmpl")
+        id = f"cmpl-{http.state.request_id}"
         if not body.stream:
             text, finish = await job.collect(http)
             return api.completion(id, body.model, text, finish, job.usage())
@@ -221,7 +233,7 @@ def create_app(served: ServedModel, config: ServeConfig | None = None,
             if body.include_usage():
                 yield {**api.completion(id, body.model, "", None, job.usage(), chunk=True),
                        "choices": []}
-        return _event_stream(job, chunks())
+        return _event_stream(job, chunks(), http.state.request_id)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(http: HttpRequest):
@@ -234,7 +246,7 @@ def create_app(served: ServedModel, config: ServeConfig | None = None,
             raise ApiError(400, f"the chat template refused these messages: {err}",
                            param="messages") from None
         job = job_for(body, ids, "messages", default_max=config.max_tokens)
-        id = api.new_id("chatcmpl")
+        id = f"chatcmpl-{http.state.request_id}"
         if not body.stream:
             text, finish = await job.collect(http)
             return api.chat_completion(id, body.model, text, finish, job.usage())
@@ -245,13 +257,13 @@ def create_app(served: ServedModel, config: ServeConfig | None = None,
                 yield api.chat_chunk(id, body.model, {"content": delta} if delta else {}, finish)
             if body.include_usage():
                 yield api.chat_chunk(id, body.model, None, None, job.usage())
-        return _event_stream(job, chunks())
+        return _event_stream(job, chunks(), http.state.request_id)
 
     app.state.engine, app.state.slots = engine, slots
     return app
 
 
-def _event_stream(job: _Job, chunks: AsyncIterator[dict]) -> StreamingResponse:
+def _event_stream(job: _Job, chunks: AsyncIterator[dict], request_id: str) -> StreamingResponse:
     """Server-sent events, OpenAI's way: `data: {chunk}` lines, then `data: [DONE]`. A client
     that disconnects cancels the stream, and with it the request."""
 
@@ -259,11 +271,12 @@ def _event_stream(job: _Job, chunks: AsyncIterator[dict]) -> StreamingResponse:
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
         except ApiError as err:  # after the 200 went out: the error travels in the stream
+            _log_failure(request_id, err)
             yield f"data: {json.dumps(err.body())}\n\n"
         finally:
             job.cancel()
+        yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
@@ -273,20 +286,33 @@ async def _json(http: HttpRequest, limit: int) -> object:
     """The request's JSON body, read up to `limit` bytes.
 
     Raises:
-        ApiError: 413 for a larger body, 400 for one that is not JSON.
+        ApiError: 413 for a larger body, 400 for one that is not JSON (or says it is not).
     """
+    kind = http.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise ApiError(400, f"the request body must be JSON (Content-Type: application/json), "
+                            f"not {kind}")
     body = bytearray()
     async for chunk in http.stream():
         body += chunk
         if len(body) > limit:
             raise ApiError(413, f"the request body is over {limit} bytes")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+        return json.loads(body, parse_constant=_not_json)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError as err:  # also the digit limit of Python's int and bad UTF-8
+        reason = ("a number has too many digits" if "integer string conversion" in str(err)
+                  else str(err))
+        raise ApiError(400, f"the request body is not valid JSON: {reason}") from None
+
+
+def _not_json(constant: str) -> float:
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 async def _api_error(http: HttpRequest, err: ApiError) -> JSONResponse:
+    _log_failure(http.state.request_id, err)
     return JSONResponse(err.body(), status_code=err.status)
 
 
@@ -296,14 +322,59 @@ async def _http_error(http: HttpRequest, err: HTTPException) -> JSONResponse:
     return JSONResponse(error.body(), status_code=err.status_code)
 
 
-async def _server_error(http: HttpRequest, err: Exception) -> JSONResponse:
-    error = ApiError(500, f"internal error: {err.__class__.__name__}", type="server_error")
-    return JSONResponse(error.body(), status_code=500)
+def _log_failure(request_id: str, err: ApiError) -> None:
+    if err.status >= 500:
+        log.error("request %s: %d %s", request_id, err.status, err.message)
+
+
+class _Guard:
+    """The app's outer layer: an id for every request (`x-request-id`), and no exception
+    past it. One that escaped the routes is answered 500 in OpenAI's shape and logged in one
+    line; not re-raising it keeps the client's keep-alive connection usable. A client that
+    disconnected before its body arrived is logged in one line."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = uuid.uuid4().hex[:24]
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode())
+        started = False
+
+        async def send_with_id(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            log.info("request %s: the client disconnected before sending its body", request_id)
+        except Exception as err:
+            log.error("request %s: 500 %s: %s", request_id, err.__class__.__name__, err)
+            if started:
+                return
+            body = json.dumps(ApiError(500, f"internal error: {err.__class__.__name__}",
+                                       type="server_error").body()).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()), header]})
+            await send({"type": "http.response.body", "body": body})
 
 
 def serve(served: ServedModel, config: ServeConfig, api_key: str | None = None) -> None:
     """Run the server until interrupted (Ctrl-C)."""
     import uvicorn
 
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s quiver serve %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     uvicorn.run(create_app(served, config, api_key), host=config.host, port=config.port,
                 log_level="warning", access_log=False)
