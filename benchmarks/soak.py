@@ -374,9 +374,11 @@ def summarize(outcomes: list[Outcome], rss: list, window: float, health: dict,
     windows = []
     for w in range(max(1, int(end // window) + (end % window > 0))):
         lat = [o.latency for o in valid if w * window <= o.start < (w + 1) * window and o.ok]
+        mb = [m for t, m in rss if w * window <= t < (w + 1) * window]
         windows.append({"window": w, "from_s": w * window, "valid": len(lat),
                         "p50_s": round(_percentile(lat, 0.5), 2),
-                        "p95_s": round(_percentile(lat, 0.95), 2)})
+                        "p95_s": round(_percentile(lat, 0.95), 2),
+                        "rss_mb_max": round(max(mb), 1) if mb else None})
     late = [(t, mb) for t, mb in rss if t >= min(window, end / 2)]
     trend = _slope(late) * 60 if len(late) > 2 else float("nan")
     lost = [o for o in valid if not o.ok and not o.note.startswith("mismatch")]
@@ -394,6 +396,7 @@ def summarize(outcomes: list[Outcome], rss: list, window: float, health: dict,
         "rss_mb_first": round(rss[0][1], 1) if rss else None,
         "rss_mb_last": round(rss[-1][1], 1) if rss else None,
         "rss_trend_mb_per_min": round(trend, 2),
+        "rss_mb_every_5s": [[round(t), round(m, 1)] for t, m in rss],
         "left_running": health, "shutdown_s": round(shutdown, 2), "exit_code": exit_code,
         "log_lines": len(log.splitlines()), "log_tracebacks": log.count("Traceback"),
         "log_errors": sum("quiver serve ERROR" in line for line in log.splitlines()),
@@ -441,9 +444,10 @@ def write(summary: dict, args, results: Path) -> None:
         f"| {s['requests']} | {s['valid']} | {s['lost_valid']} | {s['mismatched']} | "
         f"{s['dropped_streams']} | {s['bad']} ({s['bad_kinds']}) | {s['bad_not_4xx_openai']} | "
         f"{s['poisoned']} | {s['poisoned_failed_alone']} | {s['5xx_outside_poisoned']} |", "",
-        "| window | from (s) | valid answered | p50 (s) | p95 (s) |", "|---:|---:|---:|---:|---:|",
-        *[f"| {w['window']} | {w['from_s']:.0f} | {w['valid']} | {w['p50_s']} | {w['p95_s']} |"
-          for w in s["windows"]], "",
+        "| window | from (s) | valid answered | p50 (s) | p95 (s) | server RSS, max (MB) |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *[f"| {w['window']} | {w['from_s']:.0f} | {w['valid']} | {w['p50_s']} | {w['p95_s']} | "
+          f"{w.get('rss_mb_max')} |" for w in s["windows"]], "",
         f"Server RSS {s['rss_mb_first']} MB at the start, {s['rss_mb_last']} MB at the end, "
         f"trend after the first window {s['rss_trend_mb_per_min']} MB/min. Left running at the "
         f"end: {s['left_running']}. SIGINT stopped it in {s['shutdown_s']} s (exit "
