@@ -126,7 +126,8 @@ class MixtureStrategy:
     """Chooses the fastest mixture per (layer shape, token-count bucket), by measuring once.
 
     Owned by one routed model and shared by its layers; layers with the same shape reuse the
-    same measurement. `fixed` forces one strategy (used by tests and benchmarks).
+    same measurement, and all layers the same `sparse` index tensors (they depend only on the
+    token count, k and the rank). `fixed` forces one strategy (used by tests and benchmarks).
     """
 
     def __init__(self, fixed: str | None = None, repeats: int = 5) -> None:
@@ -135,6 +136,16 @@ class MixtureStrategy:
         self.fixed = fixed
         self.repeats = repeats
         self.choices: dict[tuple, str] = {}
+        self._indices: dict[tuple, SparseIndex] = {}
+
+    def sparse_index(self, t: int, k: int, rank: int, device) -> SparseIndex:
+        """The `sparse` index tensors for t tokens, made once (decoding repeats t each step)."""
+        key = (t, k, rank, device)  # the device too: the model may move
+        if key not in self._indices:
+            if len(self._indices) >= 16:  # prefill lengths vary: keep the cache small
+                self._indices.clear()
+            self._indices[key] = sparse_index(t, k, rank, device)
+        return self._indices[key]
 
     def known(self, tokens: int, a_stack, out_features: int, k: int | None, dtype) -> str | None:
         """The strategy already chosen for this case, or None before its first measurement."""
@@ -216,7 +227,6 @@ class RoutedLinear(nn.Module):
         self.mixture = mixture
         self.name = name
         self._shared = shared
-        self._index_cache: dict[tuple, SparseIndex] = {}
 
     @property
     def in_features(self) -> int:
@@ -247,7 +257,8 @@ class RoutedLinear(nn.Module):
             strategy = self.mixture.choose(
                 flat.shape[0], self.a_stack, self.out_features, indices.shape[1], flat.dtype,
                 lambda: (flat, weights, indices, self.a_stack, self.b_rows))
-        index = self._sparse_index(indices) if strategy == "sparse" else None
+        index = (self.mixture.sparse_index(*indices.shape, self.a_stack.shape[1], indices.device)
+                 if strategy == "sparse" else None)
         mixture = MIXTURES[strategy](flat, weights, indices, self.a_stack, self.b_rows, h, index)
         return self._add_base(flat, mixture).view(*x.shape[:-1], self.out_features)
 
@@ -259,16 +270,6 @@ class RoutedLinear(nn.Module):
             self._grams = update_grams(self.b_rows, self.a_stack.shape[0])
             self._grams_version = version
         return self._grams
-
-    def _sparse_index(self, indices: torch.Tensor) -> SparseIndex:
-        """The index tensors for this token count, made once (decoding repeats t each step)."""
-        key = (*indices.shape, indices.device)  # the device too: the model may move
-        if key not in self._index_cache:
-            if len(self._index_cache) >= 16:  # prefill lengths vary: keep the cache small
-                self._index_cache.clear()
-            t, k = indices.shape
-            self._index_cache[key] = sparse_index(t, k, self.a_stack.shape[1], indices.device)
-        return self._index_cache[key]
 
     def _add_base(self, flat: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
         """W x (+ bias) + mixture; for a plain nn.Linear in one GEMM that accumulates onto
