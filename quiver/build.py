@@ -37,7 +37,7 @@ from quiver.data import Example, load_task
 from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo, Library
 from quiver.library.store import check_name
-from quiver.models import fingerprint, linear_module_shapes, load_base
+from quiver.models import ALL_LINEAR, fingerprint, linear_module_shapes, load_base, resolve_targets
 from quiver.training import TrainConfig, TrainResult, train_expert
 from quiver.transforms.mbc import SPACES  # the module loads scikit-learn only when it clusters
 
@@ -171,6 +171,8 @@ def build_library(
     task_chars = check_tasks(task_names)  # read once: checked and measured
     tasks = list(task_chars)
     _check_library(library_url, base)
+    if [t.lower() for t in train_config.target_modules] != [ALL_LINEAR]:
+        resolve_targets(_base_shapes(library_url, base), train_config.target_modules, base)
     run = partial(run_jobs, library_url=library_url, base=base, train_config=train_config,
                   config=config, dtype=dtype, show_progress=show_progress,
                   example_chars=task_chars)
@@ -332,8 +334,9 @@ def check_heads(shapes: dict[str, list[int]], heads: int, target_modules) -> Non
     Raises:
         QuiverError: the first layer they do not divide.
     """
+    targets = resolve_targets(shapes, target_modules)
     for module, (fan_in, fan_out) in shapes.items():
-        if module.rsplit(".", 1)[-1] in target_modules and (fan_in % heads or fan_out % heads):
+        if module.rsplit(".", 1)[-1] in targets and (fan_in % heads or fan_out % heads):
             raise QuiverError(f"{heads} heads do not divide {module} ({fan_in} -> {fan_out}): "
                               "choose --heads dividing every adapted layer's sizes")
 

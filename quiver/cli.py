@@ -115,7 +115,8 @@ def train(
     task: list[str] = typer.Option(..., "--task", help="task name; repeat for a multi-task expert"),
     library: str = typer.Option(..., "--library", help="library folder or fsspec URL"),
     name: str = typer.Option(..., "--name", help="name of the new expert"),
-    base: str = typer.Option(DEFAULT_MODEL, "--base", help="base model name, folder or HF id"),
+    base: str = typer.Option(None, "--base", help="base model name, folder or HF id "
+                             "(default: the library's, else SmolLM2-135M-Instruct)"),
     dtype: str = typer.Option("auto", help="base weights: auto (GPU bf16, CPU fp32), fp32, bf16"),
     overwrite: bool = typer.Option(False, help="replace an existing expert of that name"),
     quiet: bool = typer.Option(False, help="no progress bar"),
@@ -124,8 +125,8 @@ def train(
     """Train one LoRA expert on one or more tasks and add it to a library."""
     from quiver.build import train_into_library
 
-    expert, result = train_into_library(task, library, name, base, config, overwrite, not quiet,
-                                        dtype=dtype)
+    expert, result = train_into_library(task, library, name, library_base(library, base),
+                                        config, overwrite, not quiet, dtype=dtype)
     console.print(
         f"added [bold]{expert.name}[/] to {library}: {result.steps} steps, "
         f"{result.tokens_per_second:,.0f} tokens/s, best valid loss "
@@ -148,7 +149,8 @@ def build_command(
     library: str = typer.Option(..., help="the library to build (folder or fsspec URL)"),
     private: str = typer.Option(None, help="mbc, random: the private library to cluster; "
                                            "experts it lacks are trained into it first"),
-    base: str = typer.Option(DEFAULT_MODEL, help="base model name, folder or HF id"),
+    base: str = typer.Option(None, help="base model name, folder or HF id (default: the "
+                                        "library's, else SmolLM2-135M-Instruct)"),
     dtype: str = typer.Option("auto", help="base weights: auto (GPU bf16, CPU fp32), fp32, bf16"),
     quiet: bool = typer.Option(False, help="no progress bar"),
     config: TrainConfig = None,
@@ -168,7 +170,8 @@ def build_command(
     from quiver.report import build_table
 
     adapter = adapter_for_strategy(build_config.strategy, [poly_config, mtl_config])
-    report = build_library(read_tasks_file(tasks_file), library, base, config, build_config,
+    report = build_library(read_tasks_file(tasks_file), library, library_base(library, base),
+                           config, build_config,
                            private, dtype, not quiet, adapter)
     if report.private:
         console.print(build_table(report.private, f"private experts in {private}"))
@@ -224,7 +227,8 @@ def adapt(
     task: str = typer.Option(..., "--task", help="the new task"),
     library: str = typer.Option(..., "--library", help="library the result is added to"),
     name: str = typer.Option(..., "--name", help="name of the new entry"),
-    base: str = typer.Option(DEFAULT_MODEL, "--base", help="base model name, folder or HF id"),
+    base: str = typer.Option(None, "--base", help="base model name, folder or HF id "
+                             "(default: the library's, else SmolLM2-135M-Instruct)"),
     dtype: str = typer.Option("auto", help="base weights: auto (GPU bf16, CPU fp32), fp32, bf16"),
     quiet: bool = typer.Option(False, help="no progress bar"),
     config: TrainConfig = None,
@@ -236,7 +240,8 @@ def adapt(
     --target-modules from their source; lorahub searches instead of training."""
     from quiver.adaptation import adapt_task
 
-    expert = adapt_task(task, library, name, adapt_config, config, base, dtype, not quiet)
+    expert = adapt_task(task, library, name, adapt_config, config, library_base(library, base),
+                        dtype, not quiet)
     loss = expert.info.metrics.get("best_valid_loss", expert.info.metrics.get("lorahub_loss"))
     console.print(f"added [bold]{expert.name}[/] to {library}: {adapt_config.method} on "
                   f"{adapt_config.shots} examples of {expert.info.tasks[0]}, a "
@@ -343,7 +348,8 @@ def eval_command(
     task: list[str] = typer.Option([], "--task", help="task to evaluate; repeatable"),
     tasks_file: Path = typer.Option(None, help="file with one task name per line"),
     library: str = typer.Option(None, help="library folder or fsspec URL"),
-    base: str = typer.Option(DEFAULT_MODEL, help="base model"),
+    base: str = typer.Option(None, help="base model (default: the library's, else "
+                                        "SmolLM2-135M-Instruct)"),
     dtype: str = typer.Option("auto", help="base weights: auto (bf16 on GPU, fp32 on CPU), "
                                            "fp32 or bf16 (faster on CPUs with bf16 units)"),
     top_k: int = typer.Option(None, help="experts per token (default: the method's own)"),
@@ -361,7 +367,8 @@ def eval_command(
     from quiver.report import eval_table, write_report
 
     names = _task_names(task, tasks_file)
-    report = evaluate_method(method, names, library, base, config, allow_seen, top_k,
+    report = evaluate_method(method, names, library, library_base(library, base), config,
+                             allow_seen, top_k,
                              temperature, routing_plot=routing_plot, gate_steps=gate_steps,
                              general=general or None, dtype=dtype)
     console.print(eval_table(report))
@@ -460,7 +467,8 @@ def transfer(
     task: list[str] = typer.Option([], "--task", help="task to score on; repeatable"),
     tasks_file: Path = typer.Option(None, help="file with one task name per line"),
     experts: list[str] = typer.Option(None, "--experts", help="experts (default all)"),
-    base: str = typer.Option(DEFAULT_MODEL, help="base model"),
+    base: str = typer.Option(None, help="base model (default: the library's, else "
+                                        "SmolLM2-135M-Instruct)"),
     out: Path = typer.Option(None, help="write the matrix as JSON here"),
     plot: Path = typer.Option(None, help="save the matrix as a heatmap here"),
     quiet: bool = typer.Option(False, help="no progress bar"),
@@ -471,7 +479,8 @@ def transfer(
     from quiver.report import transfer_heatmap, transfer_table, write_report
 
     names = _task_names(task, tasks_file)
-    report = transfer_report(library, names, base, config, experts or None, not quiet)
+    report = transfer_report(library, names, library_base(library, base), config,
+                             experts or None, not quiet)
     console.print(transfer_table(report))
     if out:
         write_report(report, out)
@@ -479,6 +488,13 @@ def transfer(
     if plot:
         transfer_heatmap(report, plot)
         console.print(f"transfer heatmap saved to {plot}")
+
+
+def library_base(library: str | None, base: str | None) -> str:
+    """`--base`, else the library's base model, else SmolLM2 (`models.library_base`)."""
+    from quiver.models import library_base as resolve
+
+    return resolve(library, base)
 
 
 def _task_names(task: list[str], tasks_file: Path | None) -> list[str]:

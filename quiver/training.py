@@ -49,9 +49,8 @@ from quiver.errors import QuiverError
 from quiver.library.expert import Expert, ExpertInfo
 from quiver.library.formats import peft_config_json
 from quiver.library.store import RunState
-from quiver.models import fingerprint
+from quiver.models import ALL_LINEAR, fingerprint, model_targets
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINTING = ("auto", "on", "off")
 # How a step is run, not what it computes: left out of the key that matches a saved run to its
 # config, so a run stopped for lack of memory can resume with a smaller budget.
@@ -73,8 +72,9 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata={"help": "examples per step"})
     max_length: int = field(default=512, metadata={"help": "tokens per example (prompt cut)"})
     target_modules: tuple[str, ...] = field(
-        default=ALL_LINEAR, metadata={"help": "linear layers to adapt"}
-    )
+        default=(ALL_LINEAR,), metadata={
+            "help": "linear layers to adapt, by name (q_proj, c_attn, ...), or all-linear: "
+                    "every linear layer of the model but its output head"})
     eval_every: int = field(default=50, metadata={"help": "steps between validations"})
     eval_examples: int = field(default=256, metadata={"help": "validation examples used"})
     seed: int = field(default=0, metadata={"help": "seed for data order, init and dropout"})
@@ -644,7 +644,8 @@ class _LoraAdapter:
         # PEFT freezes the base model's parameters; `remove` puts them and the mode back
         self._was_training = model.training
         self._requires_grad = {p: p.requires_grad for p in model.parameters()}
-        self.peft_model = _wrap_with_lora(model, config)
+        self.targets = model_targets(model, config.target_modules)  # before PEFT changes it
+        self.peft_model = _wrap_with_lora(model, config, self.targets)
         self.causal_lm = self.peft_model.get_base_model()
 
     def param_groups(self, config: TrainConfig) -> list[dict]:
@@ -666,7 +667,7 @@ class _LoraAdapter:
     def stored(self, weights: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
         lora = {"r": self._config.rank, "lora_alpha": self._config.alpha,
                 "lora_dropout": self._config.dropout,
-                "target_modules": list(self._config.target_modules)}
+                "target_modules": list(self.targets)}
         return (peft_config_json(self.peft_model.peft_config["default"],
                                  self._model.config._name_or_path), weights, lora)
 
@@ -677,16 +678,12 @@ class _LoraAdapter:
         self._model.train(self._was_training)
 
 
-def _wrap_with_lora(model, config: TrainConfig):
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in config.target_modules if m not in present]
-    if missing:
-        raise QuiverError(f"target-module mismatch: the base model has no module named {missing}")
+def _wrap_with_lora(model, config: TrainConfig, targets: tuple[str, ...]):
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=list(config.target_modules),
+        target_modules=list(targets),
         bias="none",
         task_type="CAUSAL_LM",
     )

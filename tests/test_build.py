@@ -293,6 +293,8 @@ def test_build_command_builds_then_skips(tmp_path):
      "invalid BuildConfig: strategy mbc needs a number of clusters K >= 1"),
     (["--strategy", "mbc", "--clusters", "5", "--private", "{tmp}/private"],
      "cannot make 5 clusters of 2 tasks"),
+    (["--target-modules", "c_attn"], "this tiny-llama model has no linear layer named c_attn; "
+     "its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
 ])
 def test_build_command_refuses_bad_input_with_exit_code_2(tmp_path, extra, message):
     tasks_file = tmp_path / "tasks.txt"

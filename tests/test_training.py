@@ -7,7 +7,7 @@ import torch
 import quiver.training as training
 from quiver.data.batching import collate, micro_batches, tokenize_example
 from quiver.errors import QuiverError
-from quiver.models import fingerprint
+from quiver.models import fingerprint, model_targets
 from quiver.training import (
     TrainConfig,
     accumulate_gradients,
@@ -141,8 +141,29 @@ def test_several_tasks_train_one_multitask_expert(tiny):
 def test_unknown_target_module_is_a_clear_error(tiny, toy_task):
     model, tokenizer = tiny
     config = dataclasses.replace(QUICK, target_modules=("q_proj", "w_in"))
-    with pytest.raises(QuiverError, match="target-module mismatch"):
+    with pytest.raises(QuiverError, match="target-module mismatch: this llama model has no "
+                       "linear layer named w_in; its linear layers are down_proj, .*q_proj.* "
+                       r"\(choose with --target-modules, or all-linear"):
         train_expert(model, tokenizer, [toy_task], "x", config, show_progress=False)
+
+
+def test_all_linear_finds_each_architectures_own_layers_conv1d_included():
+    """The default targets are the model's own linear layers (GPT-2's are Conv1D, their
+    weight stored (in, out)), never the output head; Llama's are the seven of before."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PhiConfig, PhiForCausalLM
+
+    from quiver.models import linear_module_shapes
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64,
+                                      n_positions=32))
+    assert model_targets(gpt2, ("all-linear",)) == ("c_attn", "c_fc", "c_proj")
+    assert linear_module_shapes(gpt2)["transformer.h.0.attn.c_attn"] == [32, 96]
+    assert "lm_head" not in linear_module_shapes(gpt2)
+    phi = PhiForCausalLM(PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, vocab_size=64))
+    assert model_targets(phi, ("ALL-LINEAR",)) == ("dense", "fc1", "fc2", "k_proj", "q_proj",
+                                                   "v_proj")
+    assert set(TrainConfig().target_modules) == {"all-linear"}
 
 
 def test_a_task_without_training_examples_is_refused(tiny):
@@ -196,7 +217,9 @@ def _lora(model, dropout=0.0):
     gradient; unwrapped (and put back in its mode, unfrozen) afterwards."""
     with restored(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        peft_model = training._wrap_with_lora(model, dataclasses.replace(QUICK, dropout=dropout))
+        config = dataclasses.replace(QUICK, dropout=dropout)
+        peft_model = training._wrap_with_lora(model, config,
+                                              model_targets(model, config.target_modules))
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.5)

@@ -43,6 +43,7 @@ from quiver.adapters.task_rows import (
 )
 from quiver.errors import QuiverError
 from quiver.library.formats import MTL_LORA_KEY, MTL_LORA_PARTS, peft_config_json
+from quiver.models import model_targets
 
 KIND = "mtl-lora"
 PEFT_TYPE = "MTL_LORA"  # quiver's own: PEFT cannot load it (export a task with `task_lora`)
@@ -160,6 +161,7 @@ def attach_mtl_lora(model: nn.Module, task_names: list[str], config: MTLLoRAConf
     Raises:
         QuiverError: the model already has a multi-task adapter, or lacks a target module.
     """
+    target_modules = model_targets(model, target_modules)  # all-linear: the model's names
     layers, routing, frozen = attach_task_layers(
         model, task_names, target_modules,
         lambda base, routing: MTLLoRALinear(base, len(task_names), config.up_projections, rank,

@@ -44,6 +44,7 @@ from quiver.adapters.task_rows import (
 )
 from quiver.errors import QuiverError
 from quiver.library.formats import peft_config_json
+from quiver.models import model_targets
 
 KIND = "poly"
 STRATEGY_HEADS = {"poly": 1, "mhr": 64}  # H when not given: Poly has one head; MHR's code 64
@@ -197,6 +198,7 @@ def attach_poly(model: nn.Module, task_names: list[str], config: PolyMHRConfig, 
             whose dimensions the heads do not divide.
     """
     heads = config.heads or 1
+    target_modules = model_targets(model, target_modules)  # all-linear: the model's names
     layers, routing, frozen = attach_task_layers(
         model, task_names, target_modules,
         lambda base, routing: PolyLinear(base, len(task_names), config.skills, heads, rank,

@@ -17,6 +17,7 @@ from torch import nn
 
 from quiver.errors import QuiverError
 from quiver.library.expert import PEFT_PREFIX
+from quiver.models import linear_layers, model_targets
 
 
 class TaskRouting:
@@ -178,17 +179,20 @@ class TaskRowAdapter:
 
 
 def target_linear_layers(model: nn.Module, target_modules: tuple[str, ...]) -> list[str]:
-    """Names of `model`'s linear layers whose last name part is a target.
+    """Names of `model`'s linear layers whose last name part is a target (`all-linear`: every
+    linear layer but the output head).
 
     Raises:
-        QuiverError: a target the model has no module of.
+        QuiverError: a target the model has no linear layer of.
     """
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in target_modules if m not in present]
-    if missing:
-        raise QuiverError(f"target-module mismatch: the base model has no module named {missing}")
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules]
+    targets = model_targets(model, target_modules)
+    layers = {name: module for name, module in linear_layers(model).items()
+              if name.rsplit(".", 1)[-1] in targets}
+    for name, module in layers.items():
+        if not isinstance(module, nn.Linear):
+            raise QuiverError(f"multi-task adapters adapt nn.Linear layers; {name} is a "
+                              f"{type(module).__name__}")
+    return list(layers)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from quiver.errors import QuiverError
 from quiver.library import Library
-from quiver.models import DEFAULT_MODEL, load_base
+from quiver.models import library_base, load_base
 from quiver.serving.engine import Engine
 from quiver.serving.rows import ServedModel, serve_library
 from quiver.serving.sampling import SamplingParams
@@ -23,9 +23,7 @@ def load_served(library_url: str | None, base: str | None = None, dtype: str = "
         QuiverError: the library or the base model cannot be read, or do not match.
     """
     library = Library(library_url) if library_url else None
-    if base is None:
-        base = library.base["name"] if library is not None and library.base else DEFAULT_MODEL
-    model, tokenizer = load_base(base, dtype=dtype)
+    model, tokenizer = load_base(library_base(library_url, base), dtype=dtype)
     return serve_library(model, tokenizer, library, top_k, temperature)
 
 
