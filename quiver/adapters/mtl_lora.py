@@ -43,7 +43,7 @@ from quiver.adapters.task_rows import (
 )
 from quiver.errors import QuiverError
 from quiver.library.formats import MTL_LORA_KEY, MTL_LORA_PARTS, peft_config_json
-from quiver.models import model_targets
+from quiver.models import layer_sizes, model_targets
 
 KIND = "mtl-lora"
 PEFT_TYPE = "MTL_LORA"  # quiver's own: PEFT cannot load it (export a task with `task_lora`)
@@ -90,7 +90,7 @@ class MTLLoRALinear(nn.Module):
         self.rank, self.scaling, self.temperature = rank, scaling, temperature
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         like = adapter_options(base)
-        n, d_in, d_out = up_projections, base.in_features, base.out_features
+        n, (d_in, d_out) = up_projections, layer_sizes(base)  # nn.Linear or Conv1D
         self.lora_a = nn.Parameter(torch.empty(rank, d_in, **like))
         self.lora_l = nn.Parameter(torch.eye(rank, **like).repeat(n_tasks, 1, 1))
         self.lora_b = nn.Parameter(torch.zeros(n, d_out, rank, **like))

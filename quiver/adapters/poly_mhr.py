@@ -44,7 +44,7 @@ from quiver.adapters.task_rows import (
 )
 from quiver.errors import QuiverError
 from quiver.library.formats import peft_config_json
-from quiver.models import model_targets
+from quiver.models import layer_sizes, model_targets
 
 KIND = "poly"
 STRATEGY_HEADS = {"poly": 1, "mhr": 64}  # H when not given: Poly has one head; MHR's code 64
@@ -111,15 +111,16 @@ class PolyLinear(nn.Module):
                  scaling: float, dropout: float, routing: TaskRouting,
                  temperature: float = 1.0) -> None:
         super().__init__()
-        if base.in_features % heads or base.out_features % heads:
-            raise QuiverError(f"{heads} heads do not divide a {base.in_features} -> "
-                              f"{base.out_features} layer: choose H dividing both")
+        fan_in, fan_out = layer_sizes(base)  # nn.Linear or Conv1D
+        if fan_in % heads or fan_out % heads:
+            raise QuiverError(f"{heads} heads do not divide a {fan_in} -> {fan_out} layer: "
+                              "choose H dividing both")
         self.base, self.routing = base, routing
         self.heads, self.skills, self.rank = heads, skills, rank
         self.scaling, self.temperature = scaling, temperature
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         like = adapter_options(base)
-        d_in, d_out = base.in_features // heads, base.out_features // heads
+        d_in, d_out = fan_in // heads, fan_out // heads
         self.lora_a = nn.Parameter(torch.empty(heads, skills, d_in, rank, **like))
         self.lora_b = nn.Parameter(torch.zeros(heads, skills, rank, d_out, **like))
         self.logits = nn.Parameter(torch.empty(n_tasks, heads * skills, **like))

@@ -179,20 +179,14 @@ class TaskRowAdapter:
 
 
 def target_linear_layers(model: nn.Module, target_modules: tuple[str, ...]) -> list[str]:
-    """Names of `model`'s linear layers whose last name part is a target (`all-linear`: every
-    linear layer but the output head).
+    """Names of `model`'s linear layers (nn.Linear and Conv1D) whose last name part is a
+    target (`all-linear`: every linear layer but the output head).
 
     Raises:
         QuiverError: a target the model has no linear layer of.
     """
     targets = model_targets(model, target_modules)
-    layers = {name: module for name, module in linear_layers(model).items()
-              if name.rsplit(".", 1)[-1] in targets}
-    for name, module in layers.items():
-        if not isinstance(module, nn.Linear):
-            raise QuiverError(f"multi-task adapters adapt nn.Linear layers; {name} is a "
-                              f"{type(module).__name__}")
-    return list(layers)
+    return [name for name in linear_layers(model) if name.rsplit(".", 1)[-1] in targets]
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

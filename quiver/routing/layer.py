@@ -28,7 +28,9 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from quiver.models import layer_sizes
 from quiver.routing.spectr import update_grams
 
 # ----------------------------------------------------------------------------- mixtures
@@ -198,7 +200,8 @@ def _wait_for(device: torch.device) -> None:
 
 
 class RoutedLinear(nn.Module):
-    """A frozen `nn.Linear` plus a routed mixture of the LoRA experts that adapt it.
+    """A frozen `nn.Linear` (or transformers' `Conv1D`) plus a routed mixture of the LoRA
+    experts that adapt it.
 
     Args:
         base: the original linear layer (kept frozen, shared with the base model).
@@ -215,10 +218,11 @@ class RoutedLinear(nn.Module):
             input, so routing (and the dense A side) of all of them is one GEMM.
     """
 
-    def __init__(self, base: nn.Linear, a_stack, b_rows, keys, expert_ids, context,
+    def __init__(self, base: nn.Module, a_stack, b_rows, keys, expert_ids, context,
                  mixture: MixtureStrategy, name: str, shared=None) -> None:
         super().__init__()
         self.base = base
+        self._sizes = layer_sizes(base)  # (in, out); Conv1D's weight is stored (in, out)
         self.register_buffer("a_stack", a_stack, persistent=False)
         self.register_buffer("b_rows", b_rows, persistent=False)
         self.register_buffer("keys", keys, persistent=False)
@@ -230,11 +234,11 @@ class RoutedLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self._sizes[0]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self._sizes[1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -272,13 +276,14 @@ class RoutedLinear(nn.Module):
         return self._grams
 
     def _add_base(self, flat: torch.Tensor, mixture: torch.Tensor) -> torch.Tensor:
-        """W x (+ bias) + mixture; for a plain nn.Linear in one GEMM that accumulates onto
-        the mixture (saves a pass over the output)."""
-        if type(self.base) is not nn.Linear:  # a subclass (quantised, ...) computes its own
+        """W x (+ bias) + mixture; for a plain nn.Linear or Conv1D in one GEMM that accumulates
+        onto the mixture (saves a pass over the output)."""
+        if type(self.base) not in (nn.Linear, Conv1D):  # a subclass (quantised, ...)
             return self.base(flat) + mixture
         if self.base.bias is not None:
             mixture += self.base.bias
-        return torch.addmm(mixture, flat, self.base.weight.T)
+        weight = self.base.weight  # Conv1D stores it (in, out): x @ W as it is
+        return torch.addmm(mixture, flat, weight if type(self.base) is Conv1D else weight.T)
 
     def _can_share(self) -> bool:
         """True while `keys` is still the view into the shared buffer (PHATGOOSE training

@@ -17,6 +17,7 @@ from torch import nn
 
 from quiver.errors import QuiverError
 from quiver.library import Expert
+from quiver.models import layer_sizes, linear_layers
 from quiver.routing.layer import MixtureStrategy, RoutedLinear
 from quiver.routing.shared import SharedInput, sibling_groups
 from quiver.routing.uniform import UniformRouter
@@ -123,7 +124,7 @@ def attach_experts(
     for module, members in plan.items():
         base = model.get_submodule(module)
         stack = stacks.pop(module)
-        b_rows = stack.b.reshape(-1, base.out_features)  # (E*R, out), a view
+        b_rows = stack.b.reshape(-1, layer_sizes(base)[1])  # (E*R, out), a view
         layer_keys = stack.keys
         if layer_keys is None:  # routers without keys only need the expert count
             layer_keys = stack.a.new_zeros(len(members), 0)
@@ -148,7 +149,7 @@ def detach_experts(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------- helpers
 def _modules_per_expert(model: nn.Module, experts: list[Expert]) -> dict[str, list[int]]:
     """`{module: [indices of the experts adapting it]}`, from adapter configs (no weights)."""
-    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear = list(linear_layers(model))  # nn.Linear and Conv1D, the output head left out
     plan: dict[str, list[int]] = {}
     for index, expert in enumerate(experts):
         targets = expert.adapter_config.get("target_modules") or []
@@ -182,12 +183,13 @@ def _shared_inputs(model: nn.Module, plan: dict[str, list[int]],
     same input share one buffer of keys and A matrices (`quiver.routing.shared`)."""
     result = {}
     for group in sibling_groups(list(plan)):
-        fan_in = {model.get_submodule(m).in_features for m in group}
+        fan_in = {layer_sizes(model.get_submodule(m))[0] for m in group}
         members = [[m] for m in group] if len(fan_in) > 1 else [group]  # same input size
         for names in members:
             sizes = [(len(plan[m]), ranks[m]) for m in names]
-            like = model.get_submodule(names[0]).weight
-            buffer = like.new_zeros(sum(e * (1 + r) for e, r in sizes), like.shape[1])
+            base = model.get_submodule(names[0])
+            buffer = base.weight.new_zeros(sum(e * (1 + r) for e, r in sizes),
+                                           layer_sizes(base)[0])
             shared = SharedInput(buffer, sizes)
             result.update({m: (shared, i) for i, m in enumerate(names)})
     return result
@@ -200,16 +202,16 @@ class _Stack:
     up front, ranks coming from the adapter configs, so nothing is copied twice).
     """
 
-    def __init__(self, base: nn.Linear, count: int, rank: int,
+    def __init__(self, base: nn.Module, count: int, rank: int,
                  shared: tuple[SharedInput, int] | None) -> None:
-        like, fan_in = base.weight, base.in_features
+        like, (fan_in, fan_out) = base.weight, layer_sizes(base)
         if shared is not None:
             group, member = shared
             self.keys = group.keys(member)  # (E, in)
             self.a = group.a_stack(member, rank)  # (E, R, in)
         else:
             self.keys, self.a = None, like.new_zeros(count, rank, fan_in)
-        self.b = like.new_zeros(count, rank, base.out_features)  # (E, R, out): s * B^T
+        self.b = like.new_zeros(count, rank, fan_out)  # (E, R, out): s * B^T
 
     def fill(self, slot: int, factors, module: str, expert: Expert) -> None:
         if module not in factors:
