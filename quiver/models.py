@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -208,6 +209,14 @@ def layer_sizes(module: torch.nn.Module) -> tuple[int, int]:
 def linear_module_shapes(model: PreTrainedModel) -> dict[str, list[int]]:
     """`{module name: [in_features, out_features]}` for every linear layer a LoRA could adapt."""
     return {name: list(layer_sizes(module)) for name, module in linear_layers(model).items()}
+
+
+def unadapted_weights(model: torch.nn.Module) -> list[str]:
+    """Weights a LoRA of linear layers leaves out: the 3-D expert tensors of mixture-of-experts
+    blocks (Mixtral, Qwen2-MoE in transformers 5), by name with the layer index as `*`."""
+    names = {re.sub(r"\.\d+\.", ".*.", name) for name, param in model.named_parameters()
+             if param.dim() >= 3}
+    return sorted(names)
 
 
 def resolve_targets(shapes: dict[str, list[int]], targets, model_type: str = "base") \

@@ -20,6 +20,7 @@ evaluation: the resumed run produces the same weights as one that was never inte
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import platform
 import time
@@ -49,7 +50,9 @@ from quiver.errors import QuiverError
 from quiver.library.expert import Expert, ExpertInfo
 from quiver.library.formats import peft_config_json
 from quiver.library.store import RunState
-from quiver.models import ALL_LINEAR, fingerprint, model_targets
+from quiver.models import ALL_LINEAR, fingerprint, model_targets, unadapted_weights
+
+log = logging.getLogger("quiver")
 
 CHECKPOINTING = ("auto", "on", "off")
 # How a step is run, not what it computes: left out of the key that matches a saved run to its
@@ -645,6 +648,10 @@ class _LoraAdapter:
         self._was_training = model.training
         self._requires_grad = {p: p.requires_grad for p in model.parameters()}
         self.targets = model_targets(model, config.target_modules)  # before PEFT changes it
+        left_out = unadapted_weights(model)
+        if left_out:  # MoE experts as 3-D tensors: never left out silently
+            log.warning("LoRA adapts the linear layers %s; left out: %s", ", ".join(self.targets),
+                        ", ".join(left_out))
         self.peft_model = _wrap_with_lora(model, config, self.targets)
         self.causal_lm = self.peft_model.get_base_model()
 

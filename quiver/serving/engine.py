@@ -19,9 +19,11 @@ position ids count only its real tokens, so padding changes neither its rotary p
 being masked, its attention: every row computes what it would compute alone. Merging two
 caches pads the shorter one on the left (keys are cached after their rotary embedding, so
 moving them to other slots changes nothing), and columns that are padding in every row are
-cut, so the cache stays as long as its longest row. This needs a cache of full-attention
-layers (`DynamicLayer`, as Llama, SmolLM2, Qwen or Mistral without a sliding window use);
-other caches are refused in one line.
+cut, so the cache stays as long as its longest row. Every layer keeps its whole history
+(`DynamicLayer`), sliding-window layers too (Mistral, Phi-3, Gemma-2's local layers): the
+model's own mask applies the window, from distances between cache slots, and a row's real
+tokens are contiguous in its slots, so those distances are its tokens' distances. Chunked
+and other attention kinds, whose masks depend on absolute positions, are refused in one line.
 
 Why prefill separately rather than in the decode pass: a row's prompt and another row's
 single next token have different lengths, and a padded (B, prompt) pass would compute every
@@ -46,7 +48,7 @@ from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from quiver.errors import QuiverError
 from quiver.serving.rows import Route, ServedModel
@@ -105,6 +107,7 @@ class Engine:
     """Continuous batching over a `ServedModel`; start it, submit requests, stop it."""
 
     def __init__(self, served: ServedModel, config: EngineConfig | None = None) -> None:
+        check_attention(served.model.config)
         self.served = served
         self.config = config or EngineConfig()
         self._pending: deque[Request] = deque()
@@ -316,14 +319,11 @@ class Engine:
             mask[i, longest - len(request.prompt_ids):] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens count from 0
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        cache = DynamicCache(config=self.served.model.config)
+        cache = DynamicCache()  # whole-history layers everywhere: the mask applies any window
         logits = self._forward(ids, mask, positions, cache, [r.route for r in joiners])
         if cache.get_seq_length() == 0:  # an older transformers that names it past_key_values
             raise QuiverError("this transformers version does not take the KV cache as `cache`: "
                               "serving needs a newer transformers (5.24 works)")
-        if any(type(layer) is not DynamicLayer for layer in cache.layers):
-            raise QuiverError("serving needs a model whose attention layers all see the whole "
-                              "sequence (no sliding window or linear attention)")
         return cache, mask, logits
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor, errors: dict[int, str]) -> None:
@@ -399,6 +399,22 @@ class Engine:
 
     def _device(self) -> torch.device:
         return next(self.served.model.parameters()).device
+
+
+SERVED_ATTENTION = ("full_attention", "sliding_attention")
+
+
+def check_attention(config) -> None:
+    """Refuse models with attention kinds the engine's batch layout cannot hold.
+
+    Raises:
+        QuiverError: a layer of another kind (chunked, linear, compressed, ...).
+    """
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    other = sorted(set(layer_types) - set(SERVED_ATTENTION) - {"dummy"})
+    if other:
+        raise QuiverError(f"serving needs full or sliding-window attention; this model has "
+                          f"{', '.join(other)} layers")
 
 
 class _RowError(Exception):
