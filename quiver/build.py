@@ -243,7 +243,8 @@ def train_into_library(
     resumes from its saved state when the same command is run again.
 
     Raises:
-        QuiverError: unknown or empty task, a taken name, or a library for another base.
+        QuiverError: unknown or empty task, a taken name, target modules the model lacks,
+            or a library for another base.
     """
     tasks = [load_task(t) for t in task_names]
     try:
@@ -253,6 +254,7 @@ def train_into_library(
     if existing is not None and name in existing and not overwrite:
         raise QuiverError(f"an expert named {name!r} already exists in {library_url}")
     model, tokenizer = model_and_tokenizer or load_base(base, dtype=dtype)
+    resolve_targets(linear_module_shapes(model), config.target_modules, base)  # before writing
     library = existing or Library(library_url, create=True)
     library.ensure_base(base, fingerprint(model), linear_module_shapes(model))
     run_state = library.run_state(name)
