@@ -67,6 +67,18 @@ def test_score_is_the_package_s_own_scorer():
                                                                               dataset[index])
 
 
+def test_an_answer_the_package_s_scorer_cannot_parse_scores_zero():
+    """prime_factorization's own scorer raises on `3 = 6` (a model's answer from the families
+    benchmark); quiver scores it as the wrong answer it is, and still 1 for the right one."""
+    task = load_task("gym:prime_factorization?max_value=200&size=20")
+    example = task.examples[0]
+    dataset = reasoning_gym.create_dataset("prime_factorization", max_value=200, size=20, seed=0)
+    with pytest.raises(ValueError):
+        dataset.score_answer("3 = 6", example.entry)
+    assert task.score_answer("3 = 6", example) == 0.0
+    assert task.score_answer(example.target.strip(), example) == 1.0
+
+
 def test_families_are_reasoning_gym_s_categories():
     rows = {r.name: r for r in list_gym()}
     assert rows["gym:chain_sum"].family == "arithmetic"

@@ -161,8 +161,17 @@ def load(name: str) -> Task:
         metadata={"family": family(generator), "generator": generator,
                   "config": {**knobs(generator), **config}, "stop_string": "\n" if one_line
                   else None, "output_regex": None},
-        score_answer=lambda answer, example: float(dataset.score_answer(answer, example.entry)),
+        score_answer=lambda answer, example: _score(dataset, answer, example.entry),
     )
+
+
+def _score(dataset, answer: str, entry: dict) -> float:
+    """The generator's own score of `answer`; 0 when its scorer raises on an answer it cannot
+    parse (prime_factorization's does on `3 = 6`), as a wrong answer should score."""
+    try:
+        return float(dataset.score_answer(answer, entry))
+    except (ValueError, TypeError, ArithmeticError, IndexError, KeyError, AttributeError):
+        return 0.0
 
 
 @cache
