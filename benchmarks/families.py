@@ -365,11 +365,12 @@ def main() -> None:
     reports = [evaluate_method_spec(run, budget, spec, tasks, model_and_tokenizer)
                for spec in specs]
     evaluated = time.perf_counter() - built
-    groups = {"relatives (setting)": held_out(budget)[: budget.held_out],
-              "relatives (family)": held_out(budget)[budget.held_out: 2 * budget.held_out],
-              "strangers": held_out(budget)[2 * budget.held_out:]}
+    canonical = [t.name for t in tasks]  # as the reports name them (knobs sorted)
+    n = budget.held_out
+    groups = {"relatives (setting)": canonical[:n], "relatives (family)": canonical[n:2 * n],
+              "strangers": canonical[2 * n:]}
     groups["relatives"] = groups["relatives (setting)"] + groups["relatives (family)"]
-    groups["all"] = held_out(budget)
+    groups["all"] = canonical
     comparison = compare(reports, groups)
     agreement = mbc_agreement(run, names, args.results)
     from quiver.library import Library

@@ -76,11 +76,15 @@ HELD_OUT = RELATIVES_BY_SETTING + RELATIVES_BY_FAMILY + STRANGERS
 
 
 def group_of(task: str) -> str:
-    """`relative (setting)`, `relative (family)` or `stranger`."""
-    if task in RELATIVES_BY_SETTING:
-        return "relative (setting)"
-    if task in RELATIVES_BY_FAMILY:
-        return "relative (family)"
-    if task in STRANGERS:
-        return "stranger"
+    """`relative (setting)`, `relative (family)` or `stranger`, for a task of the lists in any
+    spelling of its name (quiver's canonical names order the knobs)."""
+    from quiver.data.gym import canonical_name, parse_name
+
+    def canonical(name: str) -> str:
+        return canonical_name(*parse_name(name.removeprefix("gym:")))
+
+    for group, tasks in (("relative (setting)", RELATIVES_BY_SETTING),
+                         ("relative (family)", RELATIVES_BY_FAMILY), ("stranger", STRANGERS)):
+        if canonical(task) in {canonical(t) for t in tasks}:
+            return group
     raise KeyError(task)

@@ -38,3 +38,12 @@ def test_relatives_and_strangers_follow_the_rule():
     assert not set(lists.HELD_OUT) & set(lists.TRAIN)
     assert {lists.group_of(t) for t in lists.HELD_OUT} == {
         "relative (setting)", "relative (family)", "stranger"}
+
+
+def test_group_of_reads_any_spelling_of_a_held_out_name():
+    """quiver names a task canonically (knobs sorted): the reports' names must find their
+    group too (decimal_chain_sum's list spelling is not its canonical one)."""
+    from quiver.data import load_task
+
+    for task in lists.HELD_OUT:
+        assert lists.group_of(load_task(task).name) == lists.group_of(task)
