@@ -37,7 +37,13 @@ from quiver.data import Example, load_task
 from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo, Library
 from quiver.library.store import check_name
-from quiver.models import ALL_LINEAR, fingerprint, linear_module_shapes, load_base, resolve_targets
+from quiver.models import (
+    fingerprint,
+    is_all_linear,
+    linear_module_shapes,
+    load_base,
+    resolve_targets,
+)
 from quiver.training import TrainConfig, TrainResult, train_expert
 from quiver.transforms.mbc import SPACES  # the module loads scikit-learn only when it clusters
 
@@ -171,7 +177,7 @@ def build_library(
     task_chars = check_tasks(task_names)  # read once: checked and measured
     tasks = list(task_chars)
     _check_library(library_url, base)
-    if [t.lower() for t in train_config.target_modules] != [ALL_LINEAR]:
+    if not is_all_linear(train_config.target_modules):  # named layers: check them on the model
         resolve_targets(_base_shapes(library_url, base), train_config.target_modules, base)
     run = partial(run_jobs, library_url=library_url, base=base, train_config=train_config,
                   config=config, dtype=dtype, show_progress=show_progress,
@@ -254,9 +260,10 @@ def train_into_library(
     if existing is not None and name in existing and not overwrite:
         raise QuiverError(f"an expert named {name!r} already exists in {library_url}")
     model, tokenizer = model_and_tokenizer or load_base(base, dtype=dtype)
-    resolve_targets(linear_module_shapes(model), config.target_modules, base)  # before writing
+    shapes = linear_module_shapes(model)
+    resolve_targets(shapes, config.target_modules, base)  # before anything is written
     library = existing or Library(library_url, create=True)
-    library.ensure_base(base, fingerprint(model), linear_module_shapes(model))
+    library.ensure_base(base, fingerprint(model), shapes)
     run_state = library.run_state(name)
     expert, result = train_expert(model, tokenizer, tasks, name, config, run_state=run_state,
                                   show_progress=show_progress, adapter=adapter)

@@ -219,6 +219,12 @@ def unadapted_weights(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
+def is_all_linear(targets) -> bool:
+    """True for PEFT's shorthand `all-linear` (any case), alone or as a one-item list."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return [t.lower() for t in targets] == [ALL_LINEAR]
+
+
 def resolve_targets(shapes: dict[str, list[int]], targets, model_type: str = "base") \
         -> tuple[str, ...]:
     """The layer names (last name parts) a LoRA adapts: every linear layer's for `all-linear`,
@@ -230,7 +236,7 @@ def resolve_targets(shapes: dict[str, list[int]], targets, model_type: str = "ba
     """
     present = sorted({name.rsplit(".", 1)[-1] for name in shapes})
     targets = [targets] if isinstance(targets, str) else list(targets)
-    if [t.lower() for t in targets] == [ALL_LINEAR]:
+    if is_all_linear(targets):
         return tuple(present)
     missing = [t for t in targets if t not in present]
     if missing or not targets:
