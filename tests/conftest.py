@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from quiver.adapters.task_rows import task_routing
 from quiver.data import Example, Task
 from quiver.data.bigbench import ENV_DIR
 from quiver.library import Library
@@ -165,7 +166,7 @@ def check_an_interrupted_build_resumes(tiny, folder, monkeypatch, strategy, spec
     tasks = jsonl_tasks(folder / "tasks")
     lib = str(folder / "lib")
     build = BuildConfig(strategy=strategy, workers=1)
-    real, steps_run, crash = training._lr_factor, [], {"at": 3}
+    real, steps_run, crash = training.loop._lr_factor, [], {"at": 3}
 
     def factor(step, steps, warmup):
         if step == crash["at"]:
@@ -173,7 +174,7 @@ def check_an_interrupted_build_resumes(tiny, folder, monkeypatch, strategy, spec
         steps_run.append(step)
         return real(step, steps, warmup)
 
-    monkeypatch.setattr(training, "_lr_factor", factor)
+    monkeypatch.setattr(training.loop, "_lr_factor", factor)
     with pytest.raises(KeyboardInterrupt):
         build_library(tasks, lib, "tiny-llama", config, build, show_progress=False,
                       adapter=spec)
@@ -205,7 +206,7 @@ def train_jointly(tiny, kind: str, spec, layer_class) -> object:
     assert fingerprint(model) == before and not any(
         isinstance(m, layer_class) for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == flags
-    assert getattr(model, "quiver_task_routing", None) is None
+    assert task_routing(model) is None
     return expert
 
 
@@ -225,20 +226,20 @@ def check_an_interrupted_training_resumes(tiny, folder, monkeypatch, spec, other
     config = dataclasses.replace(QUICK, steps=steps, eval_every=eval_every)
     uninterrupted, _ = train_expert(model, tokenizer, tasks, "m", config, adapter=spec,
                                     show_progress=False)
-    real = training._lr_factor
+    real = training.loop._lr_factor
 
     def crash_at(step, steps, warmup):
         if step == crash:
             raise KeyboardInterrupt
         return real(step, steps, warmup)
 
-    monkeypatch.setattr(training, "_lr_factor", crash_at)
+    monkeypatch.setattr(training.loop, "_lr_factor", crash_at)
     with pytest.raises(KeyboardInterrupt):
         train_expert(model, tokenizer, tasks, "m", config, library.run_state("m"),
                      show_progress=False, adapter=spec)
     assert library.run_state("m").read()[1]["step"] == crash // eval_every * eval_every
     assert not any(isinstance(m, layer_type) for m in model.modules())  # removed on a crash
-    monkeypatch.setattr(training, "_lr_factor", real)
+    monkeypatch.setattr(training.loop, "_lr_factor", real)
     with pytest.raises(QuiverError, match="another config"):  # another adapter: not this run
         train_expert(model, tokenizer, tasks, "m", config, library.run_state("m"),
                      show_progress=False, adapter=other_spec)

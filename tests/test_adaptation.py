@@ -342,19 +342,19 @@ def test_an_interrupted_mhr_z_adaptation_resumes_to_the_same_weights(setup, tiny
 
     config = dataclasses.replace(FAST, batch_size=2)  # 4 steps, saved at step 2
     whole = adapt(setup, tiny, "whole", "mhr-z", source="mhr", train=config, shots=4)
-    real = training._lr_factor
+    real = training.loop._lr_factor
 
     def crash_at_step_3(step, steps, warmup):
         if step == 3:
             raise KeyboardInterrupt
         return real(step, steps, warmup)
 
-    monkeypatch.setattr(training, "_lr_factor", crash_at_step_3)
+    monkeypatch.setattr(training.loop, "_lr_factor", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         adapt(setup, tiny, "resumed", "mhr-z", source="mhr", train=config, shots=4)
     assert "resumed" not in Library(setup["lib"])  # nothing added by a failed run
     assert Library(setup["lib"]).run_state("resumed").read()[1]["step"] == 2
-    monkeypatch.setattr(training, "_lr_factor", real)
+    monkeypatch.setattr(training.loop, "_lr_factor", real)
     resumed = adapt(setup, tiny, "resumed", "mhr-z", source="mhr", train=config, shots=4)
     for key, value in whole.weights.items():
         torch.testing.assert_close(resumed.weights[key], value, rtol=0, atol=0)

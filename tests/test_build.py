@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import quiver.library.store as store
+import quiver.library.storage as store
 import quiver.training as training
 from quiver.build import (
     BuildConfig,
@@ -118,7 +118,7 @@ def test_workers_zero_trains_one_per_core_at_one_thread_on_a_cpu(monkeypatch):
 def test_an_interrupted_build_resumes_where_it_stopped(tiny, tmp_path, monkeypatch):
     tasks = some_tasks(tmp_path / "tasks")
     lib = str(tmp_path / "lib")
-    real_factor, steps_run = training._lr_factor, []
+    real_factor, steps_run = training.loop._lr_factor, []
 
     def crash_at_the_7th_step(step, steps, warmup):  # step 2 of the second expert
         if len(steps_run) == 6:
@@ -126,7 +126,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(tiny, tmp_path, monkeypat
         steps_run.append(step)
         return real_factor(step, steps, warmup)
 
-    monkeypatch.setattr(training, "_lr_factor", crash_at_the_7th_step)
+    monkeypatch.setattr(training.loop, "_lr_factor", crash_at_the_7th_step)
     with pytest.raises(KeyboardInterrupt):
         build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(workers=1),
                       show_progress=False)
@@ -134,7 +134,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(tiny, tmp_path, monkeypat
     assert Library(lib).run_state("upper").read()[1]["step"] == 2  # saved at its validation
 
     steps_run.clear()
-    monkeypatch.setattr(training, "_lr_factor",
+    monkeypatch.setattr(training.loop, "_lr_factor",
                         lambda *args: steps_run.append(args[0]) or real_factor(*args))
     report = build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(workers=1),
                            show_progress=False)

@@ -127,7 +127,8 @@ def test_each_task_row_learns_only_from_its_own_examples(tiny):
     try:
         randomise(adapter.layers.values())
         adapter.train()
-        accumulate_gradients(model, examples, tokenizer.pad_token_id)  # task 0's rows only
+        accumulate_gradients(model, examples, tokenizer.pad_token_id,  # task 0's rows only
+                             route=adapter.routed)
         layer = adapter.layers["model.layers.1.mlp.down_proj"]
         for part in (layer.lora_l, layer.mix):
             assert part.grad[0].abs().sum() > 0 and torch.equal(part.grad[1],

@@ -15,6 +15,7 @@ from torch import nn
 
 from quiver.adapters import PolyMHRConfig, attach_poly, load_poly, routing_weights
 from quiver.adapters.poly_mhr import PolyLinear, TaskRouting
+from quiver.adapters.task_rows import task_routing
 from quiver.build import BuildConfig, build_library
 from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo, Library
@@ -93,7 +94,7 @@ def test_heads_that_do_not_divide_a_layer_are_refused_and_leave_the_model_as_fou
         attach_poly(model, ["t"], PolyMHRConfig(skills=2, heads=3), 2, 4.0, 0.0, ("q_proj",))
     assert [p.requires_grad for p in model.parameters()] == flags
     assert not any(isinstance(m, PolyLinear) for m in model.modules())
-    assert getattr(model, "quiver_task_routing", None) is None
+    assert task_routing(model) is None
 
 
 # ------------------------------------------------------------------ PEFT reference
@@ -238,7 +239,8 @@ def test_checkpointing_keeps_the_gradients_of_skills_and_routing(tiny):
             adapter.train()
             torch.manual_seed(0)  # the same relaxed-Bernoulli samples in both runs
             with gradient_checkpointing(model, checkpointing):
-                accumulate_gradients(model, examples, tokenizer.pad_token_id)
+                accumulate_gradients(model, examples, tokenizer.pad_token_id,
+                                     route=adapter.routed)
             layer = adapter.layers["model.layers.1.mlp.down_proj"]
             grads.append([p.grad.clone() for p in (layer.lora_a, layer.logits)])
             for p in (p for layer in adapter.layers.values() for p in layer.parameters()):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import quiver.training as training
+from quiver.adapters.lora import wrap_with_lora
 from quiver.data.batching import collate, micro_batches, tokenize_example
 from quiver.errors import QuiverError
 from quiver.models import fingerprint, model_targets
@@ -54,7 +55,7 @@ def test_the_best_checkpoint_is_kept(tiny, toy_task, monkeypatch):
         snapshots[loss] = trainer.weights()
         return loss
 
-    monkeypatch.setattr(training, "_validate", fake_validate)
+    monkeypatch.setattr(training.loop, "validation_loss", fake_validate)
     config = dataclasses.replace(QUICK, steps=6, eval_every=2)
     expert, result = train_expert(model, tokenizer, [toy_task], "toy", config,
                                   show_progress=False)
@@ -80,21 +81,21 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny, toy_task, tmp_path
     config = dataclasses.replace(QUICK, steps=8, eval_every=3)
     uninterrupted, _ = train_expert(model, tokenizer, [toy_task], "x", config,
                                     show_progress=False)
-    real_factor = training._lr_factor
+    real_factor = training.loop._lr_factor
 
     def crash_at_step_7(step, steps, warmup):
         if step == 7:
             raise KeyboardInterrupt
         return real_factor(step, steps, warmup)
 
-    monkeypatch.setattr(training, "_lr_factor", crash_at_step_7)
+    monkeypatch.setattr(training.loop, "_lr_factor", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         train_expert(model, tokenizer, [toy_task], "x", config,
                      run_state=library.run_state("x"), show_progress=False)
     saved = library.run_state("x").read()
     assert saved is not None and saved[1]["step"] == 6
     assert not any("lora" in n for n, _ in model.named_modules())  # unwrapped even on a crash
-    monkeypatch.setattr(training, "_lr_factor", real_factor)
+    monkeypatch.setattr(training.loop, "_lr_factor", real_factor)
     resumed, result = train_expert(model, tokenizer, [toy_task], "x", config,
                                    run_state=library.run_state("x"), show_progress=False)
     for key in uninterrupted.weights:
@@ -107,7 +108,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny, toy_task, tmp_path
 def test_resuming_with_another_config_is_refused(tiny, toy_task, tmp_path, monkeypatch):
     model, tokenizer = tiny
     library = new_library(tmp_path / "lib", model)
-    monkeypatch.setattr(training, "_lr_factor", _crash_after(4))
+    monkeypatch.setattr(training.loop, "_lr_factor", _crash_after(4))
     with pytest.raises(KeyboardInterrupt):
         train_expert(model, tokenizer, [toy_task], "x", dataclasses.replace(QUICK, eval_every=2),
                      run_state=library.run_state("x"), show_progress=False)
@@ -118,7 +119,7 @@ def test_resuming_with_another_config_is_refused(tiny, toy_task, tmp_path, monke
 
 
 def _crash_after(n):
-    real = training._lr_factor
+    real = training.loop._lr_factor
 
     def factor(step, steps, warmup):
         if step >= n:
@@ -218,7 +219,7 @@ def _lora(model, dropout=0.0):
     with restored(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         config = dataclasses.replace(QUICK, dropout=dropout)
-        peft_model = training._wrap_with_lora(model, config,
+        peft_model = wrap_with_lora(model, config,
                                               model_targets(model, config.target_modules))
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -316,7 +317,7 @@ def test_auto_memory_plan_splits_then_checkpoints_as_memory_shrinks(tiny, monkey
     assert per_token > training.activation_bytes_per_token(model, True, share)
 
     def plan_with(free_bytes, **overrides):
-        monkeypatch.setattr(training, "available_memory", lambda device: int(free_bytes))
+        monkeypatch.setattr(training.memory, "available_memory", lambda device: int(free_bytes))
         return plan_memory(model, examples, dataclasses.replace(config, **overrides))
 
     plenty = plan_with(1e12)
@@ -339,7 +340,7 @@ def test_a_run_resumes_with_other_memory_settings(tiny, toy_task, tmp_path, monk
     model, tokenizer = tiny
     library = new_library(tmp_path / "lib", model)
     config = dataclasses.replace(QUICK, steps=4, eval_every=2, eval_examples=4)
-    monkeypatch.setattr(training, "_lr_factor", _crash_after(2))
+    monkeypatch.setattr(training.loop, "_lr_factor", _crash_after(2))
     with pytest.raises(KeyboardInterrupt):
         train_expert(model, tokenizer, [toy_task], "x", config,
                      run_state=library.run_state("x"), show_progress=False)

@@ -33,8 +33,9 @@ import torch
 from quiver.adaptation.config import AdaptConfig
 from quiver.adaptation.polylib import check_same_shapes
 from quiver.adaptation.starts import Factors, peft_lora_weights, scaled_factors
+from quiver.adapters.lora import LoraAdapter
 from quiver.data.batching import tokenize_example
-from quiver.training import TrainConfig, _LoraAdapter, mean_target_loss
+from quiver.training import TrainConfig, mean_target_loss
 
 
 def combine(stacks: dict[str, tuple[torch.Tensor, torch.Tensor]], weights) -> Factors:
@@ -75,7 +76,7 @@ def lorahub_search(model, tokenizer, experts, examples, config: AdaptConfig,
     examples = examples[: config.lorahub_examples or len(examples)]  # each evaluation's cost
     data = [tokenize_example(tokenizer, e, train_config.max_length) for e in examples]
     plain = TrainConfig(rank=rank, alpha=float(rank), dropout=0.0, target_modules=targets)
-    adapter = _LoraAdapter(model, plain)  # scaling 1: the combined B carries the s_e
+    adapter = LoraAdapter(model, plain)  # scaling 1: the combined B carries the s_e
     history: list[dict] = []
     losses: dict[tuple[float, ...], float] = {}
     try:

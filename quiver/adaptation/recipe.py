@@ -22,6 +22,7 @@ from quiver.adaptation.lorahub import lorahub_search
 from quiver.adaptation.mhr import check_poly_entry, mhr_mu_factors, mhr_row_start
 from quiver.adaptation.polylib import check_same_shapes, polylib_start
 from quiver.adaptation.starts import LoraStart, peft_lora_weights
+from quiver.adapters.lora import LoraAdapter
 from quiver.config import stable_hash, to_dict
 from quiver.data import load_task
 from quiver.data.task import Example, SplitConfig, Task
@@ -29,13 +30,8 @@ from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo, Library
 from quiver.library.store import check_name
 from quiver.models import fingerprint, linear_module_shapes, load_base
-from quiver.training import (
-    TrainConfig,
-    _LoraAdapter,
-    _tokenized_splits,
-    _validate,
-    train_expert,
-)
+from quiver.training import TrainConfig, train_expert
+from quiver.training.loop import tokenized_splits, validation_loss
 
 
 @dataclass
@@ -219,13 +215,13 @@ def _lorahub(model, tokenizer, sample: FewShotTask, experts, name: str, config: 
     rank = experts[0].adapter_config["r"]
     targets = sorted({m.rsplit(".", 1)[-1] for m in factors})
     plain = TrainConfig(rank=rank, alpha=float(rank), dropout=0.0, target_modules=tuple(targets))
-    adapter = _LoraAdapter(model, plain)  # PEFT's adapter config, and the validation loss
+    adapter = LoraAdapter(model, plain)  # PEFT's adapter config, and the validation loss
     try:
         adapter_config, weights, lora = adapter.stored(peft_lora_weights(factors))
         adapter.load_weights(weights)
         # the validation loss the training methods report, on the same examples
-        _, valid_set = _tokenized_splits(tokenizer, [sample], train_config)
-        valid_loss = _validate(adapter, valid_set, tokenizer, train_config,
+        _, valid_set = tokenized_splits(tokenizer, [sample], train_config)
+        valid_loss = validation_loss(adapter, valid_set, tokenizer, train_config,
                                next(model.parameters()).device)
     finally:
         adapter.remove()

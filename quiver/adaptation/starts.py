@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from quiver.adapters import PolyMHRConfig, attach_poly
+from quiver.adapters.lora import LoraAdapter
 from quiver.errors import QuiverError
 from quiver.library.expert import PEFT_PREFIX, lora_factors
-from quiver.training import TrainConfig, _LoraAdapter
+from quiver.training import TrainConfig
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (A (r, in), B (out, r))}
 
@@ -42,8 +43,8 @@ class LoraStart:
         self._factors = factors
         return self
 
-    def attach(self, model, task_names: list[str], config: TrainConfig) -> _LoraAdapter:
-        adapter = _LoraAdapter(model, config)
+    def attach(self, model, task_names: list[str], config: TrainConfig) -> LoraAdapter:
+        adapter = LoraAdapter(model, config)
         scaling = config.alpha / config.rank  # the trained LoRA's: B = B_start / scaling
         start = peft_lora_weights({m: (a.clone(), b / scaling)
                                    for m, (a, b) in self._factors.items()})

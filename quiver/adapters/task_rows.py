@@ -1,16 +1,18 @@
 """What the multi-task adapters (Poly/MHR, MTL-LoRA) share: layers that hold a row of
 parameters per training task and pick, for every input row, its task's row.
 
-- `TaskRouting`: the task of the inputs, shared by an adapter's layers (the training loop sets
-  it per batch row from `task_ids`; evaluation sets one task for a whole task's examples);
+- `TaskRouting`: the task of the inputs, shared by an adapter's layers (training runs each
+  batch within `TaskRowAdapter.routed`, which sets its rows' `task_ids` for that batch only;
+  evaluation sets one task for a whole task's examples with `set_task`);
 - `attach_task_layers`: replace a model's target linear layers by such layers, all or none;
 - `TaskRowAdapter`: the attached layers as the training loop, evaluation and storage use
-  them (set_task, train/eval, weights in and out under their stored key names, remove).
+  them (routed, set_task, train/eval, weights in and out under their stored key names, remove).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -23,10 +25,21 @@ from quiver.models import linear_layers, model_targets
 class TaskRouting:
     """The task of the inputs, shared by the task-row layers of one model: an int (one row
     for the whole batch, as at evaluation) or a tensor (batch,) of rows (a mixed training
-    batch; the training loop sets it from each batch's `task_ids`)."""
+    batch, set for that batch only by `for_rows`)."""
 
     def __init__(self) -> None:
         self.task_ids: torch.Tensor | int | None = None
+
+    @contextmanager
+    def for_rows(self, task_ids: torch.Tensor) -> Iterator[None]:
+        """Within the block, input row i runs with task `task_ids[i]`'s parameters; the task
+        set before is back afterwards. Spans forward and backward when training, since
+        gradient checkpointing recomputes the forward within the backward."""
+        before, self.task_ids = self.task_ids, task_ids
+        try:
+            yield
+        finally:
+            self.task_ids = before
 
     def rows(self, device: torch.device) -> torch.Tensor | int:
         """The task ids, on `device` when a tensor.
@@ -64,7 +77,7 @@ def attach_task_layers(model: nn.Module, task_names: list[str], target_modules: 
                        make_layer: Callable[[nn.Linear, TaskRouting], nn.Module]
                        ) -> tuple[dict[str, nn.Module], TaskRouting, dict[nn.Parameter, bool]]:
     """Replace `model`'s target linear layers by `make_layer(linear, routing)` and freeze the
-    base weights; `model.quiver_task_routing` is the routing the training loop sets.
+    base weights. The layers share one `TaskRouting`: what tells them their inputs' task.
 
     Every layer is built (and so checked) before the model is changed: a failure leaves the
     model as found.
@@ -77,7 +90,7 @@ def attach_task_layers(model: nn.Module, task_names: list[str], target_modules: 
         QuiverError: the model already has task-row layers, no tasks, a target module the
             model lacks, or whatever `make_layer` raises.
     """
-    if getattr(model, "quiver_task_routing", None) is not None:
+    if task_routing(model) is not None:
         raise QuiverError("this model already has a multi-task adapter attached")
     if not task_names:
         raise QuiverError("a multi-task adapter needs at least one task")
@@ -89,8 +102,16 @@ def attach_task_layers(model: nn.Module, task_names: list[str], target_modules: 
         param.requires_grad_(False)  # only the adapter learns
     for name, layer in layers.items():
         replace_module(model, name, layer)
-    model.quiver_task_routing = routing
     return layers, routing, frozen
+
+
+def task_routing(model: nn.Module) -> TaskRouting | None:
+    """The routing of the task-row layers attached to `model`; None if it has none."""
+    for module in model.modules():
+        routing = getattr(module, "routing", None)
+        if isinstance(routing, TaskRouting):
+            return routing
+    return None
 
 
 class TaskRowAdapter:
@@ -123,6 +144,10 @@ class TaskRowAdapter:
                                   f"was trained on {self.task_names}")
             task = self.task_names.index(task)
         self.routing.task_ids = task
+
+    def routed(self, batch: dict[str, torch.Tensor]) -> AbstractContextManager:
+        """Run `batch`'s rows, within the returned context, each with its task's row."""
+        return self.routing.for_rows(batch["task_ids"])
 
     def train(self) -> None:
         self.causal_lm.train()
@@ -173,8 +198,6 @@ class TaskRowAdapter:
         for param, flag in self._frozen.items():
             param.requires_grad_(flag)
         self.causal_lm.train(self._was_training)
-        if getattr(self.causal_lm, "quiver_task_routing", None) is self.routing:
-            del self.causal_lm.quiver_task_routing
         self.layers = {}
 
 
