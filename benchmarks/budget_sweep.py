@@ -8,7 +8,8 @@ are neither training tasks nor the BIG-bench Lite tasks the zero-shot table is m
 Reported per setting: accuracy, the paired bootstrap difference to the base model, how far
 the experts moved apart (cosine range of their B matrices), and the build time.
 
-Usage: .venv/bin/python benchmarks/budget_sweep.py [--tasks 4] [--limit 60]
+Usage: .venv/bin/python -m benchmarks.budget_sweep [--tasks 4] [--limit 60]
+       [--settings STEPS,LR,TOKENS ...]
 Writes benchmarks/results/budget_sweep.{json,md}; every build and evaluation is cached in
 runs/budget-sweep/, so a stopped sweep resumes.
 """
@@ -16,25 +17,28 @@ runs/budget-sweep/, so a stopped sweep resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import subprocess
-import sys
 import time
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from zero_shot import (  # noqa: E402
-    TRAIN_TASKS,
-    bootstrap_average,
+from benchmarks import stats
+from benchmarks.common import (
+    RESULTS,
     fast_cpu_dtype,
-    hits,
-    interval,
     machine_name,
+    parse_value,
+    provenance,
+    provenance_line,
+    write_json,
+    write_text,
 )
+from benchmarks.zero_shot import TRAIN_TASKS
 
-RESULTS = Path(__file__).parent / "results"
 SWEEP_TASKS = [  # BIG-bench Hard multiple choice: not trained on, not the zero-shot table's
     "bigbench:date_understanding",
     "bigbench:disambiguation_qa",
@@ -45,15 +49,40 @@ SWEEP_TASKS = [  # BIG-bench Hard multiple choice: not trained on, not the zero-
     "bigbench:sports_understanding",
     "bigbench:ruin_names",
 ]
-SETTINGS = [  # (steps per expert, learning rate, max tokens)
-    (30, 1e-3, 256),
-    (60, 5e-4, 256),
-    (120, 5e-4, 256),
-]
 
 
-def run_setting(run: Path, steps: int, lr: float, max_length: int, args, model_and_tokenizer,
-                ) -> dict:
+@dataclass(frozen=True)
+class Setting:
+    """One row of the sweep: the training budget of each private expert."""
+
+    steps: int
+    lr: float
+    max_length: int  # tokens
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        """`STEPS,LR,TOKENS` (as `--settings` takes it), each parsed by its field's type."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = text.split(",")
+        if len(values) != len(names):
+            raise argparse.ArgumentTypeError(f"{text!r} is not STEPS,LR,TOKENS")
+        hints = typing.get_type_hints(cls)
+        try:
+            return cls(*(parse_value(hints[name], value) for name, value in
+                         zip(names, values, strict=True)))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+
+    def key(self) -> tuple[int, float, int]:
+        return self.steps, self.lr, self.max_length
+
+
+SETTINGS = [Setting(30, 1e-3, 256), Setting(60, 5e-4, 256), Setting(120, 5e-4, 256)]
+
+
+def run_setting(run: Path, setting: Setting, args, model_and_tokenizer) -> dict:
+    """Build the setting's private library, merge it, score the merge and Arrow (cached in
+    the run folder)."""
     from quiver.build import BuildConfig, build_library
     from quiver.evaluation import EvalConfig
     from quiver.library import Library
@@ -61,6 +90,7 @@ def run_setting(run: Path, steps: int, lr: float, max_length: int, args, model_a
     from quiver.recipes import evaluate_method
     from quiver.training import TrainConfig
 
+    steps, lr, max_length = setting.key()
     folder = run / f"steps{steps}-lr{lr:g}-len{max_length}-{args.dtype}"
     cache = folder / "result.json"
     if cache.exists():
@@ -88,7 +118,7 @@ def run_setting(run: Path, steps: int, lr: float, max_length: int, args, model_a
               "experts": names, "similarity_B": _b_cosine_range(library, names),
               "valid_loss": {o.name: o.best_valid_loss for o in report.outcomes},
               "reports": {k: _slim(v) for k, v in reports.items()}}
-    cache.write_text(json.dumps(result))
+    write_json(cache, result)
     return result
 
 
@@ -114,12 +144,11 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4, help="training tasks (private experts)")
     parser.add_argument("--limit", type=int, default=60, help="examples per sweep task")
     parser.add_argument("--run", default="runs/budget-sweep")
-    parser.add_argument("--settings", nargs="*", metavar="STEPS,LR,TOKENS",
+    parser.add_argument("--settings", nargs="*", metavar="STEPS,LR,TOKENS", type=Setting.parse,
                         help="run only these settings (default: all); the other rows of the "
                              "committed results are kept, each with its own machine")
     args = parser.parse_args()
-    settings = ([tuple(t(x) for t, x in zip((int, float, int), item.split(","), strict=True))
-                 for item in args.settings] if args.settings else SETTINGS)
+    settings = args.settings or SETTINGS
     run = Path(args.run).absolute()
 
     from quiver.evaluation import EvalConfig
@@ -130,15 +159,14 @@ def main() -> None:
     model_and_tokenizer = load_base("smollm2-135m", dtype=args.dtype)
     base_cache = run / f"base-{args.limit}-{args.dtype}.json"
     if not base_cache.exists():
-        base_cache.parent.mkdir(parents=True, exist_ok=True)
         base = evaluate_method("base", SWEEP_TASKS, None, "smollm2-135m",
                                EvalConfig(split="all", limit=args.limit),
                                model_and_tokenizer=model_and_tokenizer)
-        base_cache.write_text(json.dumps(_slim(base)))
+        write_json(base_cache, _slim(base))
     base = json.loads(base_cache.read_text())
     rows = _earlier_rows(settings, args.dtype)
     for setting in settings:  # the table grows as settings finish
-        rows.append(_row(run_setting(run, *setting, args, model_and_tokenizer), base, args))
+        rows.append(_row(run_setting(run, setting, args, model_and_tokenizer), base, args))
         write(args, rows)
 
 
@@ -147,17 +175,18 @@ def _row(result: dict, base: dict, args) -> dict:
     (bootstrap 95% interval), and where they were measured."""
     vs_base = {}
     for label, report in result["reports"].items():
-        samples = bootstrap_average([hits(report), hits(base)])
-        low, high = interval(samples[:, 0] - samples[:, 1])
+        low, high = stats.paired(stats.per_example(report), stats.per_example(base),
+                                 scale=100)["ci"]
         vs_base[label] = [report["average"]["accuracy"] - base["average"]["accuracy"], low, high]
+    record = provenance()
     return {k: v for k, v in result.items() if k != "reports"} | {
         "accuracy": {k: v["average"]["accuracy"] for k, v in result["reports"].items()},
         "vs_base": vs_base, "base_accuracy": base["average"]["accuracy"],
         "examples": sum(r["examples"] for r in base["tasks"].values()),
-        "dtype": args.dtype, "machine": machine_name(), "commit": _commit()}
+        "dtype": args.dtype, "machine": record["machine"], "commit": record["commit"]}
 
 
-def _earlier_rows(settings: list[tuple], dtype: str) -> list[dict]:
+def _earlier_rows(settings: list[Setting], dtype: str) -> list[dict]:
     """The committed rows of settings not run now, or run on another machine or dtype (a
     sweep spread over sessions and machines)."""
     path = RESULTS / "budget_sweep.json"
@@ -165,22 +194,18 @@ def _earlier_rows(settings: list[tuple], dtype: str) -> list[dict]:
         return []
     rows = json.loads(path.read_text())["settings"]
     cpu = machine_name().split(",")[0]  # the processor, whatever the threads
-    return [r for r in rows if (r["steps"], r["lr"], r["max_length"]) not in settings
+    keys = [s.key() for s in settings]
+    return [r for r in rows if (r["steps"], r["lr"], r["max_length"]) not in keys
             or (r["machine"].split(",")[0], r["dtype"]) != (cpu, dtype)]
 
 
-def _commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-
-
 def write(args, rows: list[dict]) -> None:
-    command = "python benchmarks/budget_sweep.py " + " ".join(sys.argv[1:])
+    """results/budget_sweep.{md,json}: the last run's provenance, each row with its own."""
+    record = provenance()
     rows = sorted(rows, key=lambda r: (r["steps"], -r["lr"], r["max_length"]))
     lines = [
         "# Training-budget sweep for the CPU `medium` zero-shot budget", "",
-        f"Last run: `{command}` at commit `{_commit()}`, {machine_name()}, "
-        f"torch {torch.__version__}; each row says where it was measured.", "",
+        f"Last run: {provenance_line(record)} Each row says where it was measured.", "",
         f"Private experts on the first {args.tasks} training tasks of `zero_shot.py` "
         "(SmolLM2-135M-Instruct, LoRA r=4 on all linear layers, batch 8); "
         f"scored on {len(SWEEP_TASKS)} BIG-bench Hard multiple-choice tasks (at most "
@@ -200,10 +225,9 @@ def write(args, rows: list[dict]) -> None:
         lines.append(f"| {r['steps']} | {r['lr']:g} | {r['max_length']} | {r['dtype']}, "
                      f"{r['machine']} | {r['build_s'] / 60:.1f} | {low:.2f} to {high:.2f} | "
                      f"{r['base_accuracy']:.1f} | " + " | ".join(cells) + " |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "budget_sweep.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "budget_sweep.json").write_text(json.dumps(
-        {"command": command, "sweep_tasks": SWEEP_TASKS, "settings": rows}, indent=1))
+    write_text(RESULTS / "budget_sweep.md", "\n".join(lines) + "\n")
+    write_json(RESULTS / "budget_sweep.json",
+               {**record, "sweep_tasks": SWEEP_TASKS, "settings": rows}, indent=1)
     print("\n".join(lines))
 
 

@@ -7,7 +7,7 @@ the same process: `batch_size=1` (every example alone: the prompt once, its opti
 and `batch_size=8` (several examples' prompts in one left-padded batch, all their options in
 one batch). Both must give the same accuracy; the ratio of their times is the speed-up.
 
-Usage: .venv/bin/python benchmarks/eval_speed.py [--library demo-library/private]
+Usage: .venv/bin/python -m benchmarks.eval_speed [--library demo-library/private]
        [--method arrow] [--tasks 10] [--limit 200]
 Writes benchmarks/results/eval_speed_gym_<method>_<limit>.{json,md} (the files without `gym_`
 were measured on BIG-bench Lite, when the registry still served it).
@@ -16,18 +16,10 @@ were measured on BIG-bench Lite, when the registry still served it).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import cpu_name  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import RESULTS, provenance, provenance_line, write_json, write_text
 
 
 def main() -> None:
@@ -37,6 +29,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=6)
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder for the tables (default benchmarks/results)")
     args = parser.parse_args()
 
     from quiver.evaluation import EvalConfig
@@ -58,18 +52,12 @@ def main() -> None:
                      "examples": examples, "accuracy": round(report["average"]["accuracy"], 2),
                      "experts": len(report["experts"])})
         print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
-    command = "python benchmarks/eval_speed.py " + " ".join(sys.argv[1:])
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"eval_speed_gym_{args.method.replace(':', '-')}_{args.limit}"
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "commit": commit, "machine": machine, "tasks": tasks,
-         "method": args.method, "rows": rows}, indent=1))
+    record = {**provenance(device="cpu"), "tasks": tasks, "method": args.method, "rows": rows}
+    stem = args.results / f"eval_speed_gym_{args.method.replace(':', '-')}_{args.limit}"
+    write_json(stem.with_suffix(".json"), record, indent=1)
     lines = [
         "# Evaluation harness speed (CPU)", "",
-        f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}.",
+        provenance_line(record),
         f"SmolLM2-135M-Instruct fp32, method `{args.method}` ({rows[0]['experts']} experts), "
         f"{len(tasks)} reasoning-gym tasks scored as multiple choice over their closed answer "
         f"sets ({', '.join(tasks)}), at most {args.limit} test examples each.", "",
@@ -82,7 +70,7 @@ def main() -> None:
     if len(rows) > 1:
         lines.append(f"\nSpeed-up from batching examples: "
                      f"{rows[0]['seconds'] / rows[-1]['seconds']:.2f}x.")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

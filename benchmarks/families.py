@@ -2,7 +2,8 @@
 families (issue 30), the gym counterpart of benchmarks/zero_shot.py.
 
 1. Libraries from the training tasks of benchmarks/gym_lists.py (24 gym tasks in 7 of
-   reasoning-gym's categories), built with zero_shot.build_libraries (resumable): private (an
+   reasoning-gym's categories), built with benchmarks.zero_shot's build_libraries
+   (resumable): private (an
    expert per task), MBC on the flattened parameters and on the updates s B A, shared (one
    expert on every task), and the uniform merge of the private experts.
 2. Own-task gains: each private expert against the base model on its own task's test
@@ -21,9 +22,12 @@ families (issue 30), the gym counterpart of benchmarks/zero_shot.py.
    SpectR's) routing weight on experts of its family, per layer and overall, against the
    family's share of the library.
 
-Usage: .venv/bin/python benchmarks/families.py --budget smoke|cpu|gpu [--build-only]
+Usage: .venv/bin/python -m benchmarks.families --budget smoke|cpu|gpu [--build-only]
+       [--set KEY=VALUE ...] [--report-only]
 Writes benchmarks/results/families_<budget>.{json,md} and plots; every evaluation is cached in
-the run folder (runs/families-<budget>/), so a stopped run resumes where it was.
+the run folder (runs/families-<budget>/), so a stopped run resumes where it was, and a rerun
+over a finished run folder only rewrites the results. `--report-only` rewrites the Markdown
+and the bar plot from the results JSON alone (no model, no run folder).
 """
 
 from __future__ import annotations
@@ -31,21 +35,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import gym_lists  # noqa: E402
-import stats  # noqa: E402
-from zero_shot import build_libraries, machine_name, record_time, write_json  # noqa: E402
+from benchmarks import gym_lists, report_families, stats, zero_shot
+from benchmarks.common import (
+    RESULTS,
+    budget_setting,
+    provenance,
+    record_time,
+    with_settings,
+    write_json,
+    write_text,
+)
 
-RESULTS = Path(__file__).parent / "results"
 METRICS = ("score", "exact_match", "answer_loglik")
 
 
@@ -104,21 +110,23 @@ def held_out(budget: Budget) -> list[str]:
             + gym_lists.STRANGERS[:n])
 
 
+def build_plan(budget: Budget) -> zero_shot.Budget:
+    """What zero_shot.build_libraries builds for this budget: the gym training list, MBC on
+    both spaces, no random clusters, the uniform merge only."""
+    return zero_shot.Budget(
+        task_list="gym", tasks=budget.train, private_steps=budget.private_steps,
+        cluster_steps=budget.cluster_steps, shared_steps=budget.shared_steps,
+        clusters=budget.clusters, batch=budget.batch, lr=budget.lr,
+        max_length=budget.max_length, dtype=budget.dtype, workers=budget.workers,
+        cpus_per_job=budget.cpus_per_job, spaces=("params", "update"), random=False,
+        methods=("uniform merge",))  # the merges to make: the uniform one only
+
+
 def build(run: Path, budget: Budget, model_and_tokenizer) -> dict[str, list[str]]:
     """The libraries (zero_shot.build_libraries on the gym training list); each one's
     experts. Building resumes: what is there is kept."""
-    import zero_shot
-
-    zero_shot.TASK_LISTS["gym"] = gym_lists.TRAIN
-    plan = {"task_list": "gym", "tasks": budget.train, "private_steps": budget.private_steps,
-            "cluster_steps": budget.cluster_steps, "shared_steps": budget.shared_steps,
-            "clusters": budget.clusters, "batch": budget.batch, "lr": budget.lr,
-            "max_length": budget.max_length, "dtype": budget.dtype,
-            "workers": budget.workers, "cpus_per_job": budget.cpus_per_job,
-            "spaces": ["params", "update"], "random": False,
-            "methods": ["uniform merge"]}  # the merges to make: the uniform one only
     started = time.perf_counter()
-    names, made = build_libraries(run, plan, model_and_tokenizer)
+    names, made = zero_shot.build_libraries(run, build_plan(budget), model_and_tokenizer)
     if made:
         record_time(run / "build_time.json", time.perf_counter() - started,
                     {"made": len(made)})
@@ -236,19 +244,17 @@ def own_task_gains(run: Path, budget: Budget, names: list[str], model_and_tokeni
 
 def _paired(first: dict, second: dict, metric: str) -> dict:
     """first minus second on one task's examples (paired bootstrap)."""
-    samples = stats.bootstrap_average([{"t": np.asarray(first["per_example"][metric])},
-                                       {"t": np.asarray(second["per_example"][metric])}])
-    result = stats.paired_difference(samples, 0, 1)
-    scale = 100 if metric in ("score", "exact_match") else 1
+    result = stats.paired({"t": np.asarray(first["per_example"][metric], dtype=float)},
+                          {"t": np.asarray(second["per_example"][metric], dtype=float)})
+    scale = _scale(metric)
     return {"difference": scale * result["difference"],
             "ci": [scale * v for v in result["ci"]], "excludes_zero": result["excludes_zero"]}
 
 
 # -------------------------------------------------------------------------- analysis
-def per_example(report: dict, metric: str) -> dict[str, np.ndarray]:
-    scale = 100 if metric in ("score", "exact_match") else 1
-    return {t: scale * np.asarray(r["per_example"][metric], dtype=float)
-            for t, r in report["tasks"].items()}
+def _scale(metric: str) -> float:
+    """Rates in %, log-likelihoods as they are."""
+    return 100 if metric in ("score", "exact_match") else 1
 
 
 def compare(reports: list[dict], groups: dict[str, list[str]]) -> dict:
@@ -260,7 +266,8 @@ def compare(reports: list[dict], groups: dict[str, list[str]]) -> dict:
     for metric in METRICS:
         result[metric] = {}
         for group, tasks in groups.items():
-            per_task = [{t: per_example(r, metric)[t] for t in tasks} for r in reports]
+            per_task = [{t: stats.per_example(r, metric, _scale(metric))[t] for t in tasks}
+                        for r in reports]
             samples = stats.bootstrap_average(per_task)
             result[metric][group] = {
                 label: {"average": float(np.mean([per_task[m][t].mean() for t in tasks])),
@@ -323,23 +330,28 @@ def routing_shares(reports: list[dict], expert_families: dict[str, str],
     return result
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
     parser.add_argument("--run", help="run folder (default runs/families-<budget>)")
     parser.add_argument("--build-only", action="store_true")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override budget fields, e.g. --set private_steps=100")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite results/families_<budget>.md and its bar plot from "
+                             "results/families_<budget>.json; nothing else runs")
+    parser.add_argument("--set", nargs="*", default=[], type=budget_setting(Budget),
+                        metavar="KEY=VALUE", help="override budget fields, parsed by their "
+                        "type, e.g. --set private_steps=100 limit=20")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    return parser
+
+
+def main() -> None:
+    parser = make_parser()
     args = parser.parse_args()
-    budget = BUDGETS[args.budget]
-    fields = {f.name: f.type for f in dataclasses.fields(Budget)}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in fields:
-            raise SystemExit(f"unknown budget field {key!r}: {sorted(fields)}")
-        kind = type(getattr(budget, key))
-        budget = dataclasses.replace(budget, **{key: kind(value)})
+    stem = args.results / f"families_{args.budget}"
+    if args.report_only:
+        return write_report(json.loads(stem.with_suffix(".json").read_text()), stem)
+    budget = with_settings(parser, BUDGETS[args.budget], args.set)
     run = Path(args.run or f"runs/families-{args.budget}").absolute()
 
     from quiver.data import load_task
@@ -380,23 +392,14 @@ def main() -> None:
                        for n in names["private"]}
     task_families = {t.name: t.metadata["family"] for t in tasks}
     shares = routing_shares(reports, expert_families, task_families)
+    # The methods' evaluation times live in their cached reports, so a rerun over a
+    # finished run folder still says how long they took.
     timings = {"build": json.loads((run / "build_time.json").read_text())["total_seconds"]
                if (run / "build_time.json").exists() else None,
+               "evaluate_methods": round(sum(r.get("seconds") or 0 for r in reports)),
                "evaluate_this_run": round(evaluated), "total_this_run":
                round(time.perf_counter() - started)}
-    write(args, budget, run, names, tasks, gains, per_task, reports, comparison, agreement,
-          shares, groups, timings)
-
-
-def write(args, budget, run, names, tasks, gains, per_task, reports, comparison, agreement,
-          shares, groups, timings) -> None:
-    import report_families
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    record = {"command": "python benchmarks/families.py " + " ".join(sys.argv[1:]),
-              "commit": commit, "machine": machine_name(), "torch": torch.__version__,
-              "budget": dataclasses.asdict(budget), "train": names["private"],
+    record = {**provenance(), "budget": dataclasses.asdict(budget), "train": names["private"],
               "held_out": {t.name: gym_lists.group_of(t.name) for t in tasks},
               "held_out_families": {t.name: t.metadata["family"] for t in tasks},
               "groups": groups, "own_task": gains, "oracle": per_task,
@@ -404,11 +407,16 @@ def write(args, budget, run, names, tasks, gains, per_task, reports, comparison,
               "timings_s": timings,
               "methods": {r["label"]: {t: {m: r["tasks"][t][m] for m in METRICS}
                                        for t in r["tasks"]} for r in reports}}
-    stem = args.results / f"families_{args.budget}"
     write_json(stem.with_suffix(".json"), record, indent=1)
-    text = report_families.markdown(record)
-    stem.with_suffix(".md").write_text(text)
-    report_families.bar_plot(record, stem.with_name(stem.name + "_bars.png"))
+    write_report(record, stem)
+
+
+def write_report(record: dict, stem: Path) -> None:
+    """`stem`.md and `stem`_bars.png from the benchmark's JSON record."""
+    plot = stem.with_name(stem.name + "_bars.png")
+    report_families.bar_plot(record, plot)
+    text = report_families.markdown(record, plot.name)
+    write_text(stem.with_suffix(".md"), text)
     print(text)
 
 

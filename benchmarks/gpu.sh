@@ -2,11 +2,11 @@
 # benchmarks/gpu.sh: the GPU measurements (issues 20 and 30) in one prepared script, at most 9.5 minutes
 # of wall time on one H100 / H200 (a lent machine gives 15 minutes of device time in all,
 # start-up included, and no network). Three stages, each under `timeout` within one deadline:
-#   routing    benchmarks/routing.py --device cuda --experts 32 128: Arrow prefill and decode
+#   routing    -m benchmarks.routing --device cuda --experts 32 128: Arrow prefill and decode
 #              time over the bare model's, peak CUDA memory
-#   serving    benchmarks/serving.py --device cuda --concurrency 32: `quiver serve` throughput
+#   serving    -m benchmarks.serving --device cuda --concurrency 32: `quiver serve` throughput
 #              with 32 clients, against PEFT's mixed-adapter batches
-#   families   benchmarks/families.py --budget gpu: the reasoning-gym families comparison
+#   families   -m benchmarks.families --budget gpu: the reasoning-gym families comparison
 #              (24 private experts at 300 steps, MBC on parameters and updates, shared, the
 #              uniform merge; base, Arrow, SpectR, PHATGOOSE, the oracle on relatives and
 #              strangers); a rerun on a still-warm machine resumes it
@@ -30,8 +30,10 @@
 # Settings (environment): QUIVER_GPU_DEADLINE (seconds from the start; 570, tiny 7200),
 #   QUIVER_GPU_ROUTING_S and QUIVER_GPU_SERVING_S (those stages' most: 90 and 120, tiny 1800),
 #   QUIVER_GPU_RESERVE (seconds kept for the end: 25), QUIVER_GPU_WORK (scratch folder: the
-#   synthetic libraries and the zero-shot run folder; a rerun on a still-warm machine resumes
-#   the zero-shot builds and evaluations from it), PY (the Python: python3, tiny .venv's).
+#   synthetic libraries and the families run folder; a rerun on a still-warm machine resumes
+#   the families builds and evaluations from it), PY (the Python: python3, tiny .venv's).
+# The benchmarks run as modules (`$PY -m benchmarks.NAME`) from the repository root.
+# Step by step: docs/gpu.md.
 set -uo pipefail  # no -e: a stage that fails must not stop the next ones
 
 started=$(date +%s)
@@ -186,14 +188,14 @@ stage() {
   [ "$rc" = 0 ] || tail -n 15 "$OUT/logs/$name.log" | sed "s/^/  $name| /"
 }
 
-stage routing "$routing_max" "$PY" benchmarks/routing.py --device "$device" \
+stage routing "$routing_max" "$PY" -m benchmarks.routing --device "$device" \
   --library "$work/routing" --results "$OUT/results" "${routing_args[@]}"
 serve_check
 serving_env=(OMP_NUM_THREADS=1)  # with the serving wheels first on its path if they were needed
 [ -n "$serve_path" ] && serving_env+=(PYTHONPATH="$serve_path${PYTHONPATH:+:$PYTHONPATH}")
-stage serving "$serving_max" env "${serving_env[@]}" "$PY" benchmarks/serving.py \
+stage serving "$serving_max" env "${serving_env[@]}" "$PY" -m benchmarks.serving \
   --device "$device" --library "$work/serving" --results "$OUT/results" "${serving_args[@]}"
-stage families "$deadline" "$PY" benchmarks/families.py --budget gpu --run "$run_dir" \
+stage families "$deadline" "$PY" -m benchmarks.families --budget gpu --run "$run_dir" \
   --results "$OUT/results" "${families_args[@]}"
 
 # ------------------------------------------------------------------------------- output

@@ -12,7 +12,7 @@
 #   .device/b  the GGUF's second half (xz) and the gguf / transformers / peft wheels (this venv's
 #              versions), and the commit.
 # Then: device call 1 carrying .device/a: `mkdir -p /root/dev && cp -r .device/a /root/dev/`;
-# device call 2 at once carrying .device/b: `bash benchmarks/gpu.sh` (benchmarks/README.md).
+# device call 2 at once carrying .device/b: `bash benchmarks/gpu.sh` (docs/gpu.md).
 # Needs Python 3.12 here (`python3.12`, or $PY312) to build the two source-only wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -8,7 +8,7 @@ and the answer's log-likelihood (nats per target token, teacher-forced); the gai
 expert's minus the base model's, on the same test examples. The families benchmark picks its
 steps and learning rate from this table, on training tasks only (no held-out task is scored).
 
-Usage: .venv/bin/python benchmarks/gym_sweep.py [--steps 120] [--eval-every 20] [--lr 1e-3]
+Usage: .venv/bin/python -m benchmarks.gym_sweep [--steps 120] [--eval-every 20] [--lr 1e-3]
        [--limit 40] [--tasks gym:... ...]
 Writes benchmarks/results/gym_sweep.{json,md}; each task's result is cached in the run folder
 (runs/gym-sweep/), so a stopped sweep resumes.
@@ -18,18 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import torch
+from benchmarks.common import RESULTS, provenance, provenance_line, write_json, write_text
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import cpu_name  # noqa: E402
-from zero_shot import write_json  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 CANDIDATES = [  # training candidates of the families benchmark, one or two per family
     "gym:chain_sum?max_digits=2&max_terms=2",
     "gym:gcd?max_value=100",
@@ -99,19 +92,13 @@ def main() -> None:
 
 
 def write(args, rows: list[dict], seconds: float) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
-    command = "python benchmarks/gym_sweep.py " + " ".join(sys.argv[1:])
+    record = {**provenance(device="cpu"), "seconds": round(seconds), "rows": rows}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), {"command": command, "commit": commit,
-                                          "machine": machine, "seconds": round(seconds),
-                                          "rows": rows}, indent=1)
+    write_json(out.with_suffix(".json"), record, indent=1)
     steps = [step for step, _ in rows[0]["curve"]] if rows else []
     lines = [
         "# How many steps does a small expert need on a reasoning-gym task?", "",
-        f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}; "
+        provenance_line(record),
         f"{seconds / 60:.0f} min this run (cached tasks are read, not retrained).", "",
         f"SmolLM2-135M-Instruct fp32, LoRA r=4 on all linear layers, batch {args.batch}, "
         f"at most {args.max_length} tokens, AdamW with 6% warmup and linear decay over "
@@ -132,7 +119,7 @@ def write(args, rows: list[dict], seconds: float) -> None:
               f"{r['base_exact_match']:.1f} / {r['expert_exact_match']:.1f} | "
               f"{r['base_answer_loglik']:.3f} / {r['expert_answer_loglik']:.3f} "
               f"({gain:+.3f}) |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

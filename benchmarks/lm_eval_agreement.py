@@ -15,7 +15,7 @@ It compares accuracy with lm-eval's `acc` example by example, `accuracy_char_nor
 options' log-likelihoods; and times `quiver eval` and the bridge side by side (--rounds
 rounds, alternating, the fastest of each; the model loaded, lm-eval's task index built).
 
-Usage: .venv/bin/python benchmarks/lm_eval_agreement.py [--limit 50] [--rounds 2]
+Usage: .venv/bin/python -m benchmarks.lm_eval_agreement [--limit 50] [--rounds 2]
 Writes benchmarks/results/lm_eval_agreement_gym.{json,md} (lm_eval_agreement.{json,md} were
 measured on BIG-bench tasks, when the registry still served them).
 """
@@ -25,19 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import cpu_name  # noqa: E402
+from benchmarks.common import RESULTS, provenance, provenance_line, write_json, write_text
 
-RESULTS = Path(__file__).parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["gym:basic_arithmetic?max_digits=2&max_terms=2", "gym:spell_backward?max_word_len=6",
          "gym:letter_counting?max_words=5"]
 HELD_OUT = ["gym:syllogism?mc=true", "gym:ransom_note?mc=true", "gym:course_schedule?mc=true"]
@@ -136,14 +131,9 @@ def main() -> None:
                                      recorded, args.limit) for task in args.tasks}}
         print(json.dumps({method: methods[method]}, indent=1), flush=True)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
-    data = {"command": "python benchmarks/lm_eval_agreement.py " + " ".join(sys.argv[1:]),
-            "commit": commit,
-            "machine": f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
-                       f"torch thread(s); load average {load:.1f} at the start (a shared "
-                       "machine: other jobs ran beside it)",
-            "torch": torch.__version__, "lm_eval": lm_eval.__version__, "model": BASE,
+    # the load average says whether other jobs shared the machine (they slow both sides)
+    data = {**provenance(device="cpu"), "load_average_at_start": round(load, 1),
+            "lm_eval": lm_eval.__version__, "model": BASE,
             "library": library, "train_tasks": args.train, "steps": args.steps,
             "limit": args.limit, "batch_size": args.batch_size, "rounds": args.rounds,
             "task_index_seconds": round(index_seconds, 2), "methods": methods,
@@ -151,9 +141,8 @@ def main() -> None:
                         for label, per in timings.items()},
             "total_seconds": round(time.perf_counter() - started, 1)}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_markdown(data))
+    write_json(out.with_suffix(".json"), data, indent=1)
+    write_text(out.with_suffix(".md"), _markdown(data))
     print(_markdown(data))
 
 
@@ -228,9 +217,9 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 def _markdown(data: dict) -> str:
     lines = [
         "# lm-evaluation-harness through quiver's bridge vs `quiver eval` (SmolLM2)", "",
-        f"`{data['command']}` at commit `{data['commit']}`, {data['machine']}, torch "
-        f"{data['torch']}, lm-eval {data['lm_eval']}; total {data['total_seconds'] / 60:.1f} "
-        "min.",
+        provenance_line(data),
+        f"lm-eval {data['lm_eval']}; load average {data['load_average_at_start']} at the "
+        f"start; total {data['total_seconds'] / 60:.1f} min.",
         f"SmolLM2-135M-Instruct fp32; library `{data['library']}`: private experts on "
         f"{', '.join(t.removeprefix('gym:') for t in data['train_tasks'])} "
         f"({data['steps']} steps each); at most {data['limit']} examples per task, "

@@ -1,10 +1,13 @@
-"""The families benchmark's tables (Markdown) and bar plot, from its JSON record."""
+"""The families benchmark's tables (Markdown) and bar plot, from its JSON record alone (so
+`python -m benchmarks.families --report-only` rewrites them without a run folder)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import provenance_line
 
 GROUP_ORDER = ("relatives (setting)", "relatives (family)", "relatives", "strangers", "all")
 METRIC_TEXT = {"score": "score (%, reasoning-gym's own scorer)",
@@ -25,15 +28,19 @@ def _short(task: str) -> str:
     return task.removeprefix("gym:")
 
 
-def markdown(record: dict) -> str:
+def markdown(record: dict, plot: str | None = None) -> str:
+    """The whole results page; `plot` names the bar plot beside it."""
     budget, timings = record["budget"], record["timings_s"]
     build = f"{timings['build'] / 60:.0f} min to build the libraries (summed over the runs " \
             "that built them)" if timings.get("build") else "libraries built earlier"
+    evaluate = f"{timings['evaluate_this_run'] / 60:.0f} min to evaluate in this run"
+    if timings.get("evaluate_methods") is not None:  # records from before it was kept lack it
+        evaluate += (f" (the methods' evaluations took {timings['evaluate_methods'] / 60:.0f} "
+                     "min when they ran, own-task gains and the selection sample not counted)")
     lines = [
         "# What a library buys on tasks with relatives (reasoning-gym families)", "",
-        f"`{record['command']}` at commit `{record['commit']}`, {record['machine']}, torch "
-        f"{record['torch']}; {build}; {timings['evaluate_this_run'] / 60:.0f} min to "
-        "evaluate in this run.", "",
+        provenance_line(record), "",
+        f"{build}; {evaluate}." + (f" Plot: [`{plot}`]({plot})." if plot else ""), "",
         f"SmolLM2-135M-Instruct ({budget['dtype']}), LoRA r=4 on all linear layers, lr "
         f"{budget['lr']:g}, batch {budget['batch']}, at most {budget['max_length']} tokens. "
         f"{len(record['train'])} private experts ({budget['private_steps']} steps), MBC on "

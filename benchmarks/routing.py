@@ -13,7 +13,7 @@ On a GPU (`--device cuda`) the model is bf16 (quiver's default there), every tim
 bracketed by `torch.cuda.synchronize()` and peak memory is also read from
 `torch.cuda.max_memory_allocated`.
 
-Usage: .venv/bin/python benchmarks/routing.py [--experts 8 32 128 256] [--peft-max 32]
+Usage: .venv/bin/python -m benchmarks.routing [--experts 8 32 128 256] [--peft-max 32]
        [--device cpu|cuda] [--results DIR]
 Writes benchmarks/results/routing.json and .md (or DIR/routing.json and .md)
 """
@@ -25,17 +25,22 @@ import functools
 import json
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import cpu_name  # noqa: E402
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    provenance,
+    provenance_line,
+    python_module,
+    write_json,
+    write_text,
+)
 
-RESULTS = Path(__file__).parent / "results"
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -86,13 +91,6 @@ def _timed(fn, repeats: int, device: str = "cpu") -> float:
 def dtype_label(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
         dtype, str(dtype))
-
-
-def machine_name(device: str) -> str:
-    """The CPU and its threads; on CUDA the GPU first."""
-    if torch.device(device).type == "cuda":
-        return f"{torch.cuda.get_device_name(torch.device(device))} (CUDA), {cpu_name()}"
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def _swap(model, routed: dict, with_experts: bool) -> None:
@@ -206,6 +204,7 @@ def main() -> None:
                         help="folder for routing.json and .md (default benchmarks/results)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.library = str(Path(args.library).absolute())  # the workers run at the repository root
     if args.one:
         row = run_one(args.one, f"{args.library}/library", args.one <= args.peft_max,
                       args.repeats, args.rounds, args.device)
@@ -214,10 +213,11 @@ def main() -> None:
     make_library(Path(args.library), max(args.experts))
     rows = []
     for n in args.experts:
-        command = [sys.executable, __file__, "--one", str(n), "--library", args.library,
-                   "--peft-max", str(args.peft_max), "--repeats", str(args.repeats),
-                   "--rounds", str(args.rounds), "--device", args.device]
-        done = subprocess.run(command, capture_output=True, text=True)
+        command = python_module("benchmarks.routing", "--one", str(n), "--library",
+                                args.library, "--peft-max", str(args.peft_max), "--repeats",
+                                str(args.repeats), "--rounds", str(args.rounds), "--device",
+                                args.device)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         rows.append(json.loads(line[7:]) if line else
                     {"experts": n, "error": done.stderr.strip().splitlines()[-1:]})
@@ -226,22 +226,16 @@ def main() -> None:
 
 
 def _write(rows, args) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     cuda = torch.device(args.device).type == "cuda"
-    machine = machine_name(args.device)
-    command = "python benchmarks/routing.py " + " ".join(sys.argv[1:])
     results = args.results
-    results.mkdir(parents=True, exist_ok=True)
+    record = provenance(args.device)
     device = {"device": args.device} if cuda else {}  # the CPU record as it always was
-    (results / "routing.json").write_text(json.dumps(
-        {"command": command, "commit": commit, "machine": machine, **device, "rows": rows},
-        indent=2))
+    write_json(results / "routing.json", {**record, **device, "rows": rows}, indent=2)
     dtype = next((r["dtype"] for r in rows if "dtype" in r), "bf16") if cuda else "fp32"
     gpu_columns = " peak CUDA (MiB) | base CUDA peak (MiB) |" if cuda else ""
     lines = [
         "# Routing speed and memory (" + ("GPU" if cuda else "CPU") + ")", "",
-        f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}.",
+        provenance_line(record),
         f"SmolLM2-135M-Instruct {dtype}, E synthetic rank-4 experts on all 7 linear modules, "
         "Arrow top-4. Ratios are to the bare model in the same process; prefill 4 x 128 "
         "tokens, decode 32 new tokens for 4 prompts." + (
@@ -268,7 +262,7 @@ def _write(rows, args) -> None:
                      f"{r['decode_ratio']}x | {r['peak_rss_mib']} | "
                      f"{r['base_rss_mib'] + r['experts_mib']} |" + gpu + " "
                      + " | ".join(peft) + " |")
-    (results / "routing.md").write_text("\n".join(lines) + "\n")
+    write_text(results / "routing.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

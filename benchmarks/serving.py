@@ -1,7 +1,7 @@
 """Serving throughput: `quiver serve` against one request at a time and PEFT's mixed batch.
 
 A library of 32 synthetic rank-4 experts (random A and B, on all 7 linear modules of the real
-SmolLM2-135M-Instruct, fp32, CPU; `benchmarks/routing.py`'s `make_library`: untrained, so the
+SmolLM2-135M-Instruct, fp32, CPU; benchmarks/routing.py's `make_library`: untrained, so the
 text means nothing, but the arithmetic is the real one). 64 requests, each naming a random
 expert (`expert:eNNN`) or Arrow (`arrow`, top-4 over all 32; a quarter of them), with prompts
 of 5 to 40 tokens, greedy, at most `--max-tokens` new tokens each, sent at concurrency 1, 8
@@ -26,7 +26,7 @@ the GPU (the server's as nvidia-smi's used memory above what it was before the s
 started; PEFT's from `torch.cuda.max_memory_allocated`). Without the `openai` package the
 requests go over plain HTTP (`http.client`, the same JSON).
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serving.py [--max-tokens 16]
+Usage: OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.serving [--max-tokens 16]
        [--device cpu|cuda] [--concurrency 1 8 32] [--requests 64] [--results DIR]
 Writes benchmarks/results/serving.json and .md (or DIR/serving.json and .md)
 """
@@ -39,9 +39,7 @@ import json
 import os
 import random
 import resource
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,11 +48,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from routing import make_library  # noqa: E402
-from train_throughput import cpu_name  # noqa: E402
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    provenance,
+    provenance_line,
+    python_module,
+    write_json,
+    write_text,
+)
+from benchmarks.local_server import ServerNotUp, free_port, wait_until_healthy
+from benchmarks.routing import make_library
 
-RESULTS = Path(__file__).parent / "results"
 N_EXPERTS, N_REQUESTS, ARROW_SHARE = 32, 64, 0.25
 CONCURRENCY = (1, 8, 32)
 PROMPTS = [
@@ -88,33 +93,21 @@ def is_cuda(device: str) -> bool:
 
 
 # ------------------------------------------------------------------------------ quiver
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(library: str, port: int, log, device: str = "cpu") -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if torch.cuda.is_available():  # `quiver serve` takes the first visible GPU by itself
         env["CUDA_VISIBLE_DEVICES"] = (str(torch.device(device).index or 0) if is_cuda(device)
                                        else "")
     process = subprocess.Popen(
-        [sys.executable, "-m", "quiver.cli", "serve", "--library", library, "--port", str(port),
-         "--max-batch", "32", "--max-concurrent", "64"], env=env, stderr=log)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
-                return process
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                log.seek(0)
-                raise RuntimeError(f"server did not start: {log.read().decode()}") from None
-            time.sleep(0.5)
+        python_module("quiver.cli", "serve", "--library", library, "--port", str(port),
+                      "--max-batch", "32", "--max-concurrent", "64"), env=env, stderr=log)
+    try:
+        wait_until_healthy(port, process, timeout=300)
+    except ServerNotUp as err:
+        process.kill()
+        log.seek(0)
+        raise RuntimeError(f"{err}: {log.read().decode()}") from None
+    return process
 
 
 def _memory_mib(pid: int) -> dict[str, int]:
@@ -143,7 +136,7 @@ def run_quiver(library: str, requests: list[tuple[str, str]], max_tokens: int,
                concurrency=CONCURRENCY, device: str = "cpu") -> dict:
     # the server's stderr goes to a file: a pipe nobody reads could fill and block it
     with tempfile.TemporaryFile() as log:
-        port = _free_port()
+        port = free_port()
         gpu_before = _gpu_used_mib(device) if is_cuda(device) else None
         started = time.perf_counter()
         process = _start_server(library, port, log, device)
@@ -289,24 +282,15 @@ def run_peft(library_dir: str, requests: list[tuple[str, str]], max_tokens: int,
 
 
 # ------------------------------------------------------------------------------ output
-def _provenance(device: str = "cpu") -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, 1 torch thread"
-    if is_cuda(device):
-        machine = f"{torch.cuda.get_device_name(torch.device(device))} (CUDA), {machine}"
-    return {"command": "OMP_NUM_THREADS=1 python benchmarks/serving.py " + " ".join(sys.argv[1:]),
-            "commit": commit, "machine": machine, "torch": torch.__version__,
-            "load_average_at_end": [round(x, 1) for x in os.getloadavg()]}
-
-
 def write(args, requests, quiver: dict, peft: dict) -> None:
     concurrency, cuda = args.concurrency, is_cuda(args.device)
     same = [q == p for q, p, (name, _) in zip(quiver["texts"], peft["texts"], requests,
                                                strict=True) if name != "arrow"]
     same_arrow = [q == p for q, p, (name, _) in zip(quiver["texts"], peft["texts"], requests,
                                                      strict=True) if name == "arrow"]
-    record = {**_provenance(args.device), "experts": N_EXPERTS, "requests": len(requests),
+    record = {**provenance(args.device, threads=1),  # each side with one torch thread
+              "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
+              "experts": N_EXPERTS, "requests": len(requests),
               "arrow_requests": sum(n == "arrow" for n, _ in requests),
               "max_tokens": args.max_tokens, "experts_kind": "synthetic (random A and B)",
               "quiver": {k: v for k, v in quiver.items() if k not in ("texts", "client")},
@@ -316,15 +300,13 @@ def write(args, requests, quiver: dict, peft: dict) -> None:
     if cuda:  # the CPU record as it always was
         record.update(device=args.device, concurrency=list(concurrency),
                       client=quiver.get("client"))
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "serving.json").write_text(json.dumps(record, indent=2))
+    write_json(args.results / "serving.json", record, indent=2)
     one = quiver["rows"][1]["tokens_per_s"] if 1 in quiver["rows"] else None
     client = ("the `openai` client" if quiver.get("client", "openai") == "openai"
               else "`http.client` (the same JSON; no `openai` package here)")
     lines = [
         "# Serving: batched mixed-expert generation (" + ("GPU" if cuda else "CPU") + ")", "",
-        f"`{record['command']}` at commit `{record['commit']}`, {record['machine']}, torch "
-        f"{record['torch']}.", "",
+        provenance_line(record), "",
         f"SmolLM2-135M-Instruct {'bf16' if cuda else 'fp32'}, a library of {N_EXPERTS} "
         "synthetic rank-4 LoRA experts (random A and B, untrained) on all 7 linear modules. "
         f"{len(requests)} requests, {record['arrow_requests']} of them `arrow` (top-4 over all "
@@ -362,7 +344,7 @@ def write(args, requests, quiver: dict, peft: dict) -> None:
         "(PEFT's Arrow computes its prototypes by power iteration from a random start, quiver's "
         "exactly, so their routing can differ).",
     ]
-    (args.results / "serving.md").write_text("\n".join(lines) + "\n")
+    write_text(args.results / "serving.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -380,6 +362,7 @@ def main() -> None:
                         help="folder for serving.json and .md (default benchmarks/results)")
     parser.add_argument("--peft-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.library = str(Path(args.library).absolute())  # the PEFT worker runs at the root
     requests = requests_to_send(n=args.requests)
     library = f"{args.library}/library"
     if args.peft_worker:
@@ -390,10 +373,12 @@ def main() -> None:
     make_library(Path(args.library), N_EXPERTS)
     quiver = run_quiver(library, requests, args.max_tokens, args.concurrency, args.device)
     print(json.dumps({k: v for k, v in quiver.items() if k != "texts"}), flush=True)
-    done = subprocess.run([sys.executable, __file__, "--peft-worker", "--library", args.library,
-                           "--max-tokens", str(args.max_tokens), "--device", args.device,
-                           "--requests", str(args.requests), "--concurrency",
-                           *map(str, args.concurrency)], capture_output=True, text=True,
+    done = subprocess.run(python_module("benchmarks.serving", "--peft-worker", "--library",
+                                        args.library, "--max-tokens", str(args.max_tokens),
+                                        "--device", args.device, "--requests",
+                                        str(args.requests), "--concurrency",
+                                        *map(str, args.concurrency)),
+                          capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:

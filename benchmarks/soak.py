@@ -25,7 +25,7 @@ answered otherwise than 4xx in OpenAI's shape, p50/p95 latency of the valid requ
 window, the server's RSS over time (trend after the first window, MB/min), how long a SIGINT
 took to stop it, and the server's log (lines, tracebacks).
 
-Usage: python benchmarks/soak.py [--library URL] [--minutes 10] [--clients 24]
+Usage: .venv/bin/python -m benchmarks.soak [--library URL] [--minutes 10] [--clients 24]
        [--max-requests 100000] [--window 120] [--results DIR]
 Without `--library`, a library of 8 random rank-4 experts of SmolLM2-135M-Instruct is made.
 Writes benchmarks/results/soak.json and .md (or DIR/soak.json and .md).
@@ -39,19 +39,26 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import aiohttp
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    provenance,
+    provenance_line,
+    python_module,
+    write_json,
+    write_text,
+)
+from benchmarks.local_server import ServerNotUp, free_port, health, wait_until_healthy
+
 KEY = "soak-key"
 PROMPTS = ["The capital of France is", "Count: one, two, three,", "Spell 'river' backwards:",
            "2 + 3 =", "A short poem about rain:", "Q: What is 7 times 6?\nA:",
@@ -93,12 +100,6 @@ def serve_poisoned(library: str, port: int, poison: dict[str, str], max_batch: i
     context.set_rows, context.route = watch_rows, poisoned_route
     serve(served, ServeConfig(port=port, max_batch=max_batch, max_tokens=64,
                               max_prompt_tokens=256, max_body_bytes=MAX_BODY_BYTES), KEY)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -313,22 +314,24 @@ def soak(library: str, minutes: float, clients: int, max_requests: int, window: 
         raise SystemExit("the soak needs a library of at least 3 experts")
     poison = {experts[-1]: "raise", experts[-2]: "nan"}
     names = ["base", "arrow", "uniform"] + [f"expert:{e}" for e in experts[:-2][:6]]
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); from soak import serve_poisoned;"
-            f" serve_poisoned({library!r}, {port}, json.loads({json.dumps(json.dumps(poison))}),"
-            f" {max_batch})")
+    if "://" not in library:  # a local folder: the server runs at the repository root
+        library = str(Path(library).absolute())
+    port = free_port()
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    command = python_module("benchmarks.soak", "--serve-poisoned", json.dumps(poison),
+                            "--library", library, "--port", str(port),
+                            "--max-batch", str(max_batch))
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log, env=env,
-                                  cwd=Path(__file__).parent.parent)
+        server = subprocess.Popen(command, stdout=log, stderr=log, env=env, cwd=ROOT)
     try:
-        _wait_until_up(port, server)
+        try:
+            wait_until_healthy(port, server, timeout=300)
+        except ServerNotUp as err:
+            raise SystemExit(f"{err}; see its log") from None
         rss: list[tuple[float, float]] = []
         outcomes = asyncio.run(_drive(port, names, list(poison), clients, minutes * 60,
                                       max_requests, server.pid, rss))
-        health = _health(port)
+        left = health(port, timeout=10)
         stopped = time.monotonic()
         server.send_signal(signal.SIGINT)
         exit_code = server.wait(timeout=60)
@@ -336,27 +339,8 @@ def soak(library: str, minutes: float, clients: int, max_requests: int, window: 
     finally:
         if server.poll() is None:
             server.kill()
-    return summarize(outcomes, rss, window, health, shutdown, exit_code, log_path.read_text(),
+    return summarize(outcomes, rss, window, left, shutdown, exit_code, log_path.read_text(),
                      poison, names, clients)
-
-
-def _health(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
-        return json.loads(response.read())
-
-
-def _wait_until_up(port: int, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server stopped (exit {server.returncode}); see its log")
-        try:
-            if _health(port)["status"] == "ok":
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the server did not start in 5 minutes")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -417,24 +401,15 @@ def _slope(points: list[tuple[float, float]]) -> float:
 
 
 def write(summary: dict, args, results: Path) -> None:
-    import torch
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_throughput import cpu_name
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    record = {"command": "python benchmarks/soak.py " + " ".join(sys.argv[1:]),
-              "commit": commit, "machine": f"{cpu_name()}, {os.cpu_count()} cores",
-              "torch": torch.__version__, "library": args.library or "8 random experts",
+    # the server's own thread count is OMP_NUM_THREADS, which the command line records
+    record = {**provenance(device="cpu"), "library": args.library or "8 random experts",
               **summary}
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "soak.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(results / "soak.json", record, indent=2)
     s = summary
     lines = [
         "# Soak of `quiver serve`", "",
-        f"`{record['command']}` at commit {commit} on {record['machine']} (torch "
-        f"{record['torch']}); library: {record['library']}; {s['clients']} closed-loop "
+        provenance_line(record), "",
+        f"Library: {record['library']}; {s['clients']} closed-loop "
         f"clients on 127.0.0.1 for {s['seconds']:.0f} s; the server's rows of "
         f"{', '.join(f'`expert:{k}` ({v})' for k, v in s['poison'].items())} broken on "
         "purpose in every decoding pass.", "",
@@ -456,7 +431,7 @@ def write(summary: dict, args, results: Path) -> None:
         "Bad inputs sent: " + ", ".join(f"{k[4:]} {n}" for k, n in s["bad_by_kind"].items())
         + ".",
     ]
-    (results / "soak.md").write_text("\n".join(lines) + "\n")
+    write_text(results / "soak.md", "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -467,12 +442,17 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=100_000)
     parser.add_argument("--window", type=float, default=120.0)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--serve-poisoned", metavar="JSON", help=argparse.SUPPRESS)  # the child
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--max-batch", type=int, default=32, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_poisoned:
+        return serve_poisoned(args.library, args.port, json.loads(args.serve_poisoned),
+                              args.max_batch)
     with tempfile.TemporaryDirectory() as tmp:
         library = args.library
         if library is None:
-            sys.path.insert(0, str(Path(__file__).parent))
-            from routing import make_library
+            from benchmarks.routing import make_library
 
             library = make_library(Path(tmp), 8).url
         summary = soak(library, args.minutes, args.clients, args.max_requests, args.window,

@@ -1,6 +1,6 @@
-"""The statistics the benchmarks report: paired bootstrap intervals, headroom, agreement of
-clusters with known groups against chance, and routing shares. Plain numpy; tested in
-tests/test_benchmark_stats.py on hand-computed cases."""
+"""The statistics the benchmarks report: per-example values of a report, paired bootstrap
+intervals, headroom, agreement of clusters with known groups against chance, and routing
+shares. Plain numpy; tested in tests/test_benchmark_stats.py on hand-computed cases."""
 
 from __future__ import annotations
 
@@ -9,12 +9,20 @@ import numpy as np
 BOOTSTRAP = 2000
 
 
+def per_example(report: dict, metric: str = "accuracy", scale: float = 1.0
+                ) -> dict[str, np.ndarray]:
+    """`{task: values}` of one metric, example by example, from an evaluation report (times
+    `scale`: 100 for hit rates in %)."""
+    return {task: scale * np.asarray(r["per_example"][metric], dtype=float)
+            for task, r in report["tasks"].items()}
+
+
 def bootstrap_average(per_task: list[dict[str, np.ndarray]], seed: int = 0,
-                      draws: int = BOOTSTRAP) -> np.ndarray:
+                      draws: int = BOOTSTRAP, scale: float = 1.0) -> np.ndarray:
     """(draws, methods) bootstrap samples of the average over tasks of each method's mean
-    per-example value. Examples are resampled within each task, with the same draws for
-    every method (so differences between methods are paired); every method must score the
-    same examples of the same tasks (those of `per_task[0]`)."""
+    per-example value (times `scale`). Examples are resampled within each task, with the
+    same draws for every method (so differences between methods are paired); every method
+    must score the same examples of the same tasks (those of `per_task[0]`)."""
     rng = np.random.default_rng(seed)
     tasks = list(per_task[0])
     totals = np.zeros((draws, len(per_task)))
@@ -23,7 +31,7 @@ def bootstrap_average(per_task: list[dict[str, np.ndarray]], seed: int = 0,
         picks = rng.integers(0, n, size=(draws, n))
         for m, values in enumerate(per_task):
             totals[:, m] += np.asarray(values[task], dtype=float)[picks].mean(axis=1)
-    return totals / len(tasks)
+    return scale * (totals / len(tasks))
 
 
 def interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -40,6 +48,13 @@ def paired_difference(samples: np.ndarray, first: int, second: int) -> dict:
     low, high = interval(diff)
     return {"difference": float(diff.mean()), "ci": (low, high),
             "excludes_zero": bool(low > 0 or high < 0)}
+
+
+def paired(first: dict[str, np.ndarray], second: dict[str, np.ndarray], scale: float = 1.0,
+           seed: int = 0) -> dict:
+    """`first` minus `second` (per-example values of the same tasks and examples), averaged
+    over tasks: `paired_difference` of their paired bootstrap (times `scale`)."""
+    return paired_difference(bootstrap_average([first, second], seed=seed, scale=scale), 0, 1)
 
 
 def oracle_choice(selection: dict[str, dict[str, float]], higher_is_better: bool = True

@@ -13,7 +13,7 @@ Variants:
   quiver-bf16          the same with the base model in bf16
   quiver-compile       the same with the decoder wrapped in torch.compile (dynamic shapes)
 
-Usage:  .venv/bin/python benchmarks/train_throughput.py [--per-task 48] [--variants ...]
+Usage:  .venv/bin/python -m benchmarks.train_throughput [--per-task 48] [--variants ...]
 Writes benchmarks/results/train_throughput.json and .md
 
 --memory: batch 16 x 512 tokens (long gym:rotten_oranges examples, fp32), whole and
@@ -34,16 +34,24 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import resource
 import subprocess
 import sys
 import time
 from multiprocessing.pool import ThreadPool
-from pathlib import Path
 
 import torch
+
+from benchmarks.common import (
+    RESULTS,
+    ROOT,
+    provenance,
+    provenance_line,
+    python_module,
+    write_json,
+    write_text,
+)
 
 TASKS = [  # reasoning-gym tasks of 44 to 123 tokens (the committed results were measured on
     # BIG-bench's sports_understanding, social_iqa, epistemic_reasoning and word_sorting)
@@ -53,7 +61,6 @@ TASKS = [  # reasoning-gym tasks of 44 to 123 tokens (the committed results were
     "gym:knights_knaves",
 ]
 VARIANTS = ["peft-baseline", "grouped-only", "quiver", "quiver-bf16", "quiver-compile"]
-RESULTS = Path(__file__).parent / "results"
 # 239 of its first 300 examples reach 512 tokens (the committed memory results were measured
 # on BIG-bench's logic_grid_puzzle)
 LONG_TASK, LONG_BATCH, LONG_LENGTH = "gym:rotten_oranges", 16, 512
@@ -65,8 +72,9 @@ MEMORY_VARIANTS = {  # TrainConfig settings of each --memory variant
     "checkpointing": {"micro_batch_tokens": WHOLE, "gradient_checkpointing": "on"},
     "auto": {"micro_batch_tokens": 0, "gradient_checkpointing": "auto"},
 }
-# Variants run with glibc's mmap threshold fixed (`quiver.training._return_freed_memory`, which
-# the memory plan uses only when memory is tight): less peak RSS, more page faults per step.
+# Variants run with glibc's mmap threshold fixed (`quiver.training.memory.return_freed_memory`,
+# which the memory plan uses only when memory is tight): less peak RSS, more page faults per
+# step.
 LEAN_VARIANTS = {
     "parts-512-lean": MEMORY_VARIANTS["parts-512"],
     "checkpointing-lean": MEMORY_VARIANTS["checkpointing"],
@@ -166,15 +174,15 @@ def run_memory_variant(variant: str, args) -> dict:
     from quiver.models import load_base
     from quiver.training import (
         TrainConfig,
-        _return_freed_memory,
         activation_bytes_per_token,
         available_memory,
         train_expert,
     )
+    from quiver.training.memory import return_freed_memory
 
     settings = {**MEMORY_VARIANTS, **LEAN_VARIANTS}[variant]
     if variant in LEAN_VARIANTS:
-        _return_freed_memory()
+        return_freed_memory()
     model, tokenizer = load_base("smollm2-135m", device="cpu", dtype=torch.float32)
     rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     config = TrainConfig(epochs=1.0, batch_size=LONG_BATCH, max_length=LONG_LENGTH,
@@ -354,7 +362,6 @@ def main() -> None:
             row = run_memory_variant(args.one, args) if args.memory else run_variant(args.one, args)
         print("RESULT " + json.dumps(row), flush=True)
         return
-    RESULTS.mkdir(exist_ok=True)
     if args.memory:
         return _memory_benchmark(args)
     if args.parallel:
@@ -365,11 +372,12 @@ def main() -> None:
 
 
 def _in_subprocess(extra: list[str], timeout: int, env: dict | None = None) -> dict:
-    """Run this script with `extra` arguments in a fresh process; its RESULT row or an error."""
+    """Run this benchmark with `extra` arguments in a fresh process; its RESULT row or an
+    error."""
     name = extra[extra.index("--one") + 1] if "--one" in extra else f"job {extra}"
     try:
-        done = subprocess.run([sys.executable, __file__, *extra], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+        done = subprocess.run(python_module("benchmarks.train_throughput", *extra),
+                              capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
         row = {"variant": name, "error": f"not finished in {timeout} s"}
         print(row, flush=True)
@@ -383,24 +391,10 @@ def _in_subprocess(extra: list[str], timeout: int, env: dict | None = None) -> d
     return row
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or the architecture where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def _provenance() -> dict:
-    """Command, commit and machine, for every results file."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
-    return {"command": command, "commit": commit, "machine": machine, "torch": torch.__version__,
+    """Command, commit and machine, and how busy the machine was (other jobs slow the
+    variants that ran beside them)."""
+    return {**provenance(device="cpu"),
             "load_average_at_end": [round(x, 1) for x in os.getloadavg()]}
 
 
@@ -423,11 +417,9 @@ def _write(rows: list[dict], args) -> None:
 
 def _save(name: str, record: dict, title: str, setup: str, table: list[str]) -> None:
     """results/NAME.json (the record) and results/NAME.md (provenance, setup, table)."""
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2))
-    lines = [f"# {title}", "",
-             f"`{record['command']}` at commit `{record['commit']}`, {record['machine']}, "
-             f"torch {record['torch']}.", setup, "", *table]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_json(RESULTS / f"{name}.json", record, indent=2)
+    lines = [f"# {title}", "", provenance_line(record), setup, "", *table]
+    write_text(RESULTS / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

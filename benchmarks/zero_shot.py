@@ -16,31 +16,43 @@
    base, uniform merge, shared and Arrow private, how far the experts moved apart (cosine
    similarities of their parameters), a Markdown table and a bar plot.
 
-Usage: .venv/bin/python benchmarks/zero_shot.py --budget smoke|small|medium|full
-Writes benchmarks/results/zero_shot_<budget>.{json,md,png}; evaluations are cached in the run
-folder (runs/zero-shot-<budget>/), so a re-run only evaluates what is missing. `medium` is the
-CPU budget (1 h 53 min on the 2-core EPYC); `full` is for a GPU, where trainings and evaluations
+Usage: .venv/bin/python -m benchmarks.zero_shot --budget smoke|small|medium|large|gpu|full
+       [--set KEY=VALUE ...]
+Writes benchmarks/results/zero_shot_<budget>.{json,md,png} (and, with a selection sample,
+zero_shot_analysis.py's files); evaluations are cached in the run folder
+(runs/zero-shot-<budget>/), so a re-run only evaluates what is missing. `medium` is the CPU
+budget (1 h 53 min on the 2-core EPYC); `full` is for a GPU, where trainings and evaluations
 run several at once in processes of their own (`workers`, `eval_workers`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import subprocess
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import stats  # noqa: E402
-from stats import BOOTSTRAP, interval  # noqa: E402
-from train_throughput import cpu_name  # noqa: E402
+from benchmarks import gym_lists, stats
+from benchmarks.common import (
+    RESULTS,
+    budget_setting,
+    fast_cpu_dtype,
+    provenance,
+    provenance_line,
+    record_time,
+    recorded_time,
+    with_settings,
+    write_json,
+    write_text,
+)
+from benchmarks.stats import interval
+from benchmarks.zero_shot_analysis import write_analysis
 
-RESULTS = Path(__file__).parent / "results"
 TRAIN_TASKS = [  # BIG-bench, none in BIG-bench Lite or BIG-bench Hard; MC then generative
     "bigbench:anachronisms",
     "bigbench:analogical_similarity",
@@ -117,7 +129,8 @@ GPU_EXTRA_TASKS = [  # the GPU budget's 8 more (32 in all), short as well
     "bigbench:timedial",
 ]
 TASK_LISTS = {"default": TRAIN_TASKS, "large": LARGE_TRAIN_TASKS,
-              "gpu": LARGE_TRAIN_TASKS + GPU_EXTRA_TASKS}
+              "gpu": LARGE_TRAIN_TASKS + GPU_EXTRA_TASKS,
+              "gym": gym_lists.TRAIN}  # benchmarks/families.py's libraries
 HELD_OUT = [  # the multiple-choice tasks of BIG-bench Lite (bigbench_lite_v1)
     "bigbench:emoji_movie",
     "bigbench:strategyqa",
@@ -138,53 +151,90 @@ HELD_OUT = [  # the multiple-choice tasks of BIG-bench Lite (bigbench_lite_v1)
     "bigbench:logic_grid_puzzle",
     "bigbench:symbol_interpretation",
 ]
-BUDGETS = {  # steps are per expert; cluster and shared experts see more tasks, so more steps
-    "smoke": {"tasks": 8, "private_steps": 16, "cluster_steps": 32, "shared_steps": 64,
-              "clusters": 3, "held_out": 4, "limit": 20, "gate_steps": 10, "batch": 4,
-              "max_length": 160, "dtype": "bf16", "lr": 1e-3, "split": "test"},
-    "small": {"tasks": 32, "private_steps": 12, "cluster_steps": 24, "shared_steps": 64,
-              "clusters": 6, "held_out": 8, "limit": 40, "gate_steps": 10, "batch": 8,
-              "max_length": 192, "dtype": "bf16", "lr": 1e-3, "split": "test"},
+SPACES = ("params", "update")  # MBC's similarity spaces (quiver.transforms.mbc)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of everything. Steps are per expert; cluster and shared experts see more
+    tasks, so they get more steps. The defaults are the `medium` budget, the CPU one."""
+
+    task_list: str = "default"  # a key of TASK_LISTS
+    tasks: int = 6  # the first N tasks of the list
+    private_steps: int = 60
+    cluster_steps: int = 60
+    shared_steps: int = 120
+    clusters: int = 3
+    held_out: int = 12  # the first N tasks of HELD_OUT
+    limit: int = 200  # test examples per held-out task (0: all of them)
+    select: int = 0  # selection examples per held-out task before the test ones (the oracle's)
+    gate_steps: int = 10  # PHATGOOSE's gate training per expert
+    batch: int = 8
+    max_length: int = 256
+    dtype: str = "fast"  # "fast": bf16 where the CPU has bf16 units, else fp32
+    lr: float = 5e-4
+    split: str = "all"  # the held-out tasks' split ("all": a seeded sample of every example)
+    workers: int = 2  # trainings at once, each in a process of its own
+    cpus_per_job: int = 1
+    eval_workers: int = 2  # evaluations at once
+    spaces: tuple[str, ...] = ("params",)  # an MBC library for each space
+    random: bool = True  # a random-cluster library (MBC's sizes, random members)
+    calibrate: bool = False  # content-free calibrated scoring as well
+    methods: tuple[str, ...] | None = None  # the methods' labels (None: every one built)
+    libraries: tuple[str, ...] | None = None  # the libraries to build (None: all)
+
+    def __post_init__(self) -> None:
+        if self.task_list not in TASK_LISTS:
+            raise ValueError(f"task_list {self.task_list!r} is none of {sorted(TASK_LISTS)}")
+        if not 0 < self.tasks <= len(TASK_LISTS[self.task_list]):
+            raise ValueError(f"tasks {self.tasks}: the {self.task_list!r} list has "
+                             f"{len(TASK_LISTS[self.task_list])}")
+        if not 0 < self.held_out <= len(HELD_OUT):
+            raise ValueError(f"held_out {self.held_out}: there are {len(HELD_OUT)}")
+        if set(self.spaces) - set(SPACES):
+            raise ValueError(f"spaces {self.spaces}: each one of {SPACES}")
+
+
+BUDGETS = {
+    "smoke": Budget(tasks=8, private_steps=16, cluster_steps=32, shared_steps=64, held_out=4,
+                    limit=20, batch=4, max_length=160, dtype="bf16", lr=1e-3, split="test",
+                    workers=1, eval_workers=1),
+    "small": Budget(tasks=32, private_steps=12, cluster_steps=24, shared_steps=64, clusters=6,
+                    held_out=8, limit=40, max_length=192, dtype="bf16", lr=1e-3, split="test",
+                    workers=1, eval_workers=1),
     # medium: the CPU budget (2 cores, under 2 hours): 6 training tasks, lr 5e-4 and 256
     # tokens (the issue's 4-expert trial, +4.4 over base at 60 steps, and the sweep of
     # benchmarks/budget_sweep.py, which never sees these held-out tasks); two trainings and
     # two evaluations at once at one thread each (1.55-1.8x faster than one with two threads,
     # results/train_throughput_parallel*.md); 12 held-out tasks x up to 200 of all their
     # examples (2,152 in all: issue 9 asks 2,000+; 150 gave 1,703). Timed at 814d4b9 on the
-    # 2-core EPYC in one go: 1:52:36 (builds 47 min, evaluations 66; benchmarks/README).
-    "medium": {"tasks": 6, "private_steps": 60, "cluster_steps": 60, "shared_steps": 120,
-               "clusters": 3, "held_out": 12, "limit": 200, "gate_steps": 10, "batch": 8,
-               "max_length": 256, "dtype": "fast", "lr": 5e-4, "split": "all",
-               "workers": 2, "cpus_per_job": 1, "eval_workers": 2},
+    # 2-core EPYC in one go: 1:52:36 (builds 47 min, evaluations 66).
+    "medium": Budget(),
     # large: a library with something to route (issue 20): 24 private experts on short
     # tasks related in kind to the held-out ones, 128 tokens, MBC with K = 6 (about four
     # experts a cluster) on the flattened parameters (the paper's) and on the updates s B A;
     # held-out tasks scored on up to 100 examples each after a disjoint selection sample of
     # 30, on which the transfer matrix picks the oracle expert per task.
-    "large": {"task_list": "large", "tasks": 24, "private_steps": 60, "cluster_steps": 80,
-              "shared_steps": 160, "clusters": 6, "held_out": 12, "limit": 100, "select": 30,
-              "gate_steps": 10, "batch": 8, "max_length": 128, "dtype": "fast", "lr": 5e-4,
-              "split": "all", "workers": 2, "cpus_per_job": 1, "eval_workers": 2,
-              "spaces": ["params", "update"], "random": False, "calibrate": True,
-              "methods": ["base", "shared", "uniform merge", "Arrow private", "Arrow MBC",
-                          "Arrow MBC update", "uniform MBC", "uniform MBC update"]},
-    # gpu: what one lent H100/H200 does in benchmarks/gpu.sh's few minutes: 32 private
-    # experts (the large list and 8 more), MBC with K = 8 on the updates, the six methods the
-    # headroom question needs; trainings 6 at once, evaluations 4 at once on the one GPU.
-    "gpu": {"task_list": "gpu", "tasks": 32, "private_steps": 150, "cluster_steps": 300,
-            "shared_steps": 600, "clusters": 8, "held_out": 12, "limit": 200, "select": 40,
-            "gate_steps": 10, "batch": 16, "max_length": 256, "dtype": "auto", "lr": 5e-4,
-            "split": "all", "workers": 6, "cpus_per_job": 2, "eval_workers": 4,
-            "spaces": ["update"], "random": False, "calibrate": True,
-            "methods": ["base", "shared", "uniform merge", "Arrow private", "Arrow MBC update"]},
-    "full": {"tasks": 32, "private_steps": 200, "cluster_steps": 600, "shared_steps": 1600,
-             "clusters": 8, "held_out": 18, "limit": 250, "gate_steps": 100, "batch": 16,
-             "max_length": 512, "dtype": "auto", "lr": 5e-4, "split": "all",
-             "workers": 4, "cpus_per_job": 3, "eval_workers": 4},
+    "large": Budget(task_list="large", tasks=24, private_steps=60, cluster_steps=80,
+                    shared_steps=160, clusters=6, limit=100, select=30, max_length=128,
+                    spaces=SPACES, random=False, calibrate=True,
+                    methods=("base", "shared", "uniform merge", "Arrow private", "Arrow MBC",
+                             "Arrow MBC update", "uniform MBC", "uniform MBC update")),
+    # gpu: what one lent H100/H200 does in a few minutes: 32 private experts (the large list
+    # and 8 more), MBC with K = 8 on the updates, the six methods the headroom question
+    # needs; trainings 6 at once, evaluations 4 at once on the one GPU.
+    "gpu": Budget(task_list="gpu", tasks=32, private_steps=150, cluster_steps=300,
+                  shared_steps=600, clusters=8, select=40, batch=16, dtype="auto",
+                  workers=6, cpus_per_job=2, eval_workers=4, spaces=("update",), random=False,
+                  calibrate=True, methods=("base", "shared", "uniform merge", "Arrow private",
+                                           "Arrow MBC update")),
+    "full": Budget(tasks=32, private_steps=200, cluster_steps=600, shared_steps=1600,
+                   clusters=8, held_out=18, limit=250, gate_steps=100, batch=16, max_length=512,
+                   dtype="auto", workers=4, cpus_per_job=3, eval_workers=4),
 }
 
 
-def methods(names: dict[str, list[str]], budget: dict) -> list[dict]:
+def methods(names: dict[str, list[str]], budget: Budget) -> list[dict]:
     """Each evaluated method: its label, quiver method, library and experts (the budget's
     `methods`, or every one whose library was built)."""
     private = names["private"]
@@ -211,7 +261,7 @@ def methods(names: dict[str, list[str]], budget: dict) -> list[dict]:
         {"label": "uniform MBC update", "method": "uniform", "library": "mbc-update",
          "experts": names.get("mbc-update")},
     ]
-    chosen = budget.get("methods")
+    chosen = budget.methods
     built = set(names) | {None, "merges"}
     return [spec for spec in specs if (spec["label"] in chosen if chosen else True)
             and spec["library"] in built and (spec["experts"] is not None or spec["library"]
@@ -231,8 +281,8 @@ def probes(names: dict[str, list[str]]) -> list[dict]:
     return specs
 
 
-def train_tasks(budget: dict) -> list[str]:
-    return TASK_LISTS[budget.get("task_list", "default")][: budget["tasks"]]
+def train_tasks(budget: Budget) -> list[str]:
+    return TASK_LISTS[budget.task_list][: budget.tasks]
 
 
 def mbc_label(space: str) -> str:
@@ -241,24 +291,24 @@ def mbc_label(space: str) -> str:
     return "mbc" if space == "params" else f"mbc-{space}"
 
 
-def cluster_labels(budget: dict) -> dict[str, str | None]:
+def cluster_labels(budget: Budget) -> dict[str, str | None]:
     """The clustered libraries the budget builds, each with its MBC similarity space: MBC on
     each space, then random clusters (None), less those `libraries` leaves out."""
-    labels = {mbc_label(space): space for space in budget.get("spaces", ["params"])}
-    if budget.get("random", True):
+    labels = {mbc_label(space): space for space in budget.spaces}
+    if budget.random:
         labels["random"] = None
-    wanted = budget.get("libraries")
+    wanted = budget.libraries
     return {label: space for label, space in labels.items() if wanted is None or label in wanted}
 
 
-def clustered_libraries(budget: dict) -> str:
+def clustered_libraries(budget: Budget) -> str:
     """The clustered libraries' names for the results text ("MBC and MBC-update")."""
     names = {"random": "random-cluster", "mbc": "MBC"}
     labels = [names.get(label, label.replace("mbc-", "MBC-")) for label in cluster_labels(budget)]
     return " and ".join(labels) or "no clustered"
 
 
-def build_libraries(run: Path, budget: dict, model_and_tokenizer
+def build_libraries(run: Path, budget: Budget, model_and_tokenizer
                     ) -> tuple[dict[str, list[str]], list[str]]:
     """Train (or find) the four libraries and the two merges; returns each one's experts, and
     the experts and merges this call made (none: everything was already there).
@@ -276,17 +326,17 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer
     from quiver.training import TrainConfig
 
     tasks = train_tasks(budget)
-    workers = budget.get("workers", 1)
-    parallel = {"workers": workers, "cpus_per_job": budget.get("cpus_per_job", 1)}
+    workers = budget.workers
+    parallel = {"workers": workers, "cpus_per_job": budget.cpus_per_job}
     made = []  # appended from the shared expert's thread too: list.extend is atomic
 
     def build(label: str, config: BuildConfig, steps: int) -> list[str]:
         print(f"== building the {label} library", flush=True)
-        train_config = TrainConfig(steps=steps, batch_size=budget["batch"], lr=budget["lr"],
-                                   max_length=budget["max_length"], eval_every=steps,
+        train_config = TrainConfig(steps=steps, batch_size=budget.batch, lr=budget.lr,
+                                   max_length=budget.max_length, eval_every=steps,
                                    eval_examples=32)
         report = build_library(tasks, str(run / label), "smollm2-135m", train_config,
-                               config, private_url=private_url, dtype=budget["dtype"],
+                               config, private_url=private_url, dtype=budget.dtype,
                                show_progress=workers == 1)
         if report.failed:
             raise SystemExit(f"{label}: trainings failed: "
@@ -297,20 +347,20 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer
 
     private_url = str(run / "private")
     names = {"private": build("private", BuildConfig(strategy="private", **parallel),
-                              budget["private_steps"])}
-    wanted = budget.get("libraries")  # None: every library of the budget
+                              budget.private_steps)}
+    wanted = budget.libraries  # None: every library of the budget
 
     def asked(label: str) -> bool:
         return wanted is None or label in wanted
 
     clustered = {}
     for label, space in cluster_labels(budget).items():  # MBC on each space asked, random
-        config = (BuildConfig(strategy="random", clusters=budget["clusters"], **parallel)
+        config = (BuildConfig(strategy="random", clusters=budget.clusters, **parallel)
                   if space is None else
-                  BuildConfig(strategy="mbc", clusters=budget["clusters"],
+                  BuildConfig(strategy="mbc", clusters=budget.clusters,
                               cluster_space=space, **parallel))
-        clustered[label] = (config, budget["cluster_steps"])
-    shared = (BuildConfig(strategy="shared", **parallel), budget["shared_steps"])
+        clustered[label] = (config, budget.cluster_steps)
+    shared = (BuildConfig(strategy="shared", **parallel), budget.shared_steps)
     # The shared expert is one long training: with workers, it runs beside the cluster
     # experts (workers + 1 trainings at once), which are built one library after the other.
     with ThreadPoolExecutor(1) as beside:
@@ -330,7 +380,7 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer
     model = model_and_tokenizer[0]
     merges.ensure_base("smollm2-135m", fingerprint(model), linear_module_shapes(model))
     private = Library(private_url)
-    chosen = budget.get("methods")
+    chosen = budget.methods
     for method, name, label in (("uniform", "uniform-merge", "uniform merge"),
                                 ("ties", "ties-merge", "TIES")):
         if name not in merges and (chosen is None or label in chosen):  # TIES takes minutes
@@ -340,15 +390,15 @@ def build_libraries(run: Path, budget: dict, model_and_tokenizer
     return names, made
 
 
-def evaluate_all(run: Path, budget: dict, specs: list[dict], model_and_tokenizer) -> list[dict]:
+def evaluate_all(run: Path, budget: Budget, specs: list[dict], model_and_tokenizer) -> list[dict]:
     """Every method's report (cached in the run folder as it finishes). With `eval_workers`
     in the budget, methods are evaluated that many at once, each in a process of its own."""
     from quiver.workers import spawn_pool
 
     missing = slowest_first([spec for spec in specs if not _cache(run, budget, spec).exists()])
-    workers = budget.get("eval_workers", 1)
+    workers = budget.eval_workers
     if workers > 1 and len(missing) > 1:
-        threads = max(1, int(budget.get("cpus_per_job", 1)))  # workers x threads = cores
+        threads = max(1, int(budget.cpus_per_job))  # workers x threads = cores
         with spawn_pool(workers, threads) as pool:
             for label in pool.map(evaluate_one, [run] * len(missing), [budget] * len(missing),
                                   missing):
@@ -371,49 +421,22 @@ def slowest_first(specs: list[dict]) -> list[dict]:
     return sorted(specs, key=cost, reverse=True)  # stable: the table's order within a cost
 
 
-def _eval_folder(run: Path, budget: dict) -> Path:
+def _eval_folder(run: Path, budget: Budget) -> Path:
     """Where the reports are cached: one folder per test sample (limit) and selection sample
     (select), so that a rerun with other sizes never reads reports of the old ones."""
-    return run / "eval" / f"limit{budget['limit'] or 'all'}-select{budget.get('select', 0)}"
+    return run / "eval" / f"limit{budget.limit or 'all'}-select{budget.select}"
 
 
-def _cache(run: Path, budget: dict, spec: dict) -> Path:
+def _cache(run: Path, budget: Budget, spec: dict) -> Path:
     return _eval_folder(run, budget) / (spec["label"].replace(" ", "-") + ".json")
 
 
-def write_json(path: Path, record: dict, indent: int | None = None) -> None:
-    """Write `record` to `path` atomically: a run stopped midway never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(record, indent=indent))
-    staging.replace(path)
-
-
-def recorded_time(record_path: Path) -> float:
-    """The total of a `record_time` record (0 when there is none yet)."""
-    return json.loads(record_path.read_text())["total_seconds"] if record_path.exists() else 0.0
-
-
-def record_time(record_path: Path, seconds: float, detail: dict) -> float:
-    """Add one invocation's wall time to a JSON record and return the total over all of them.
-
-    Library builds resume across runs (and `--build-only` splits the build from the
-    evaluation), and cached evaluations are not redone, so the time a folder took is the sum
-    over every invocation that worked on it, not the last one's."""
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"runs": []}
-    record["runs"].append({"seconds": round(seconds, 1), **detail,
-                           "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-    record["total_seconds"] = round(sum(r["seconds"] for r in record["runs"]), 1)
-    write_json(record_path, record, indent=1)
-    return record["total_seconds"]
-
-
-def evaluate_one(run: Path, budget: dict, spec: dict, model_and_tokenizer=None) -> str:
+def evaluate_one(run: Path, budget: Budget, spec: dict, model_and_tokenizer=None) -> str:
     """Evaluate one method on the held-out tasks and cache its report; returns its label."""
     from quiver.evaluation import EvalConfig
     from quiver.recipes import evaluate_method
 
-    held_out = HELD_OUT[: budget["held_out"]]
+    held_out = HELD_OUT[: budget.held_out]
     print(f"== evaluating {spec['label']}", flush=True)
     started = time.perf_counter()
     library = str(run / spec["library"]) if spec["library"] else None
@@ -421,9 +444,9 @@ def evaluate_one(run: Path, budget: dict, spec: dict, model_and_tokenizer=None) 
     plot = cache.with_name(cache.stem + "-routing.png")
     routed = spec["method"] in ("arrow", "phatgoose", "centroid")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    config = EvalConfig(split=budget["split"], limit=budget["limit"],
-                        skip=budget.get("select", 0), calibrate=budget.get("calibrate", False))
-    common = {"model_and_tokenizer": model_and_tokenizer, "dtype": budget["dtype"],
+    config = EvalConfig(split=budget.split, limit=budget.limit,
+                        skip=budget.select, calibrate=budget.calibrate)
+    common = {"model_and_tokenizer": model_and_tokenizer, "dtype": budget.dtype,
               "show_progress": model_and_tokenizer is not None}
     if spec["method"] == "transfer":
         report = selection_transfer(run, budget, spec, model_and_tokenizer)
@@ -439,7 +462,7 @@ def evaluate_one(run: Path, budget: dict, spec: dict, model_and_tokenizer=None) 
         report = evaluate_method(spec["method"], held_out, library, "smollm2-135m", config,
                                  experts=spec["experts"], top_k=spec.get("top_k"),
                                  temperature=spec.get("temperature", 1.0),
-                                 gate_steps=budget["gate_steps"], general=spec.get("general"),
+                                 gate_steps=budget.gate_steps, general=spec.get("general"),
                                  routing_plot=plot if routed else None, **common)
     report.update(label=spec["label"], seconds=round(time.perf_counter() - started, 1))
     write_json(cache, report)
@@ -460,7 +483,7 @@ def selection_specs(names: dict[str, list[str]], workers: int, test: int = 0) ->
              "experts": experts[i::parts], "test": test} for i in range(parts)]
 
 
-def selection_transfer(run: Path, budget: dict, spec: dict, model_and_tokenizer=None) -> dict:
+def selection_transfer(run: Path, budget: Budget, spec: dict, model_and_tokenizer=None) -> dict:
     """Each private expert alone, and the base model, on the first `select` examples of every
     held-out task's `all` order: the selection sample. The methods are scored on the
     examples after it, so the oracle's choice never sees its test examples."""
@@ -469,10 +492,10 @@ def selection_transfer(run: Path, budget: dict, spec: dict, model_and_tokenizer=
     from quiver.library import Library
     from quiver.models import load_base
 
-    model, tokenizer = model_and_tokenizer or load_base("smollm2-135m", dtype=budget["dtype"])
-    tasks = [load_task(t) for t in HELD_OUT[: budget["held_out"]]]
-    skip, limit = ((budget["select"], spec["test"]) if spec.get("test") else
-                   (0, budget["select"]))
+    model, tokenizer = model_and_tokenizer or load_base("smollm2-135m", dtype=budget.dtype)
+    tasks = [load_task(t) for t in HELD_OUT[: budget.held_out]]
+    skip, limit = ((budget.select, spec["test"]) if spec.get("test") else
+                   (0, budget.select))
     config = TransferConfig(metric="accuracy", split="all", skip=skip, limit=limit,
                             batch_size=8)
     report = transfer_matrix(model, tokenizer, Library(str(run / "private")), tasks,
@@ -526,26 +549,18 @@ def expert_similarity(run: Path, names: list[str]) -> dict:
 
 
 # ----------------------------------------------------------------------------- statistics
-def hits(report: dict) -> dict[str, np.ndarray]:
-    return {task: np.asarray(r["per_example"]["accuracy"]) for task, r in
-            report["tasks"].items()}
-
-
-def bootstrap_average(per_task: list[dict[str, np.ndarray]], seed: int = 0) -> np.ndarray:
-    """(B, len(per_task)) bootstrap averages over tasks of the mean hit rate (in %), with the
-    same resampled examples for every method (so differences are paired): stats.py's."""
-    return 100 * stats.bootstrap_average(per_task, seed=seed, draws=BOOTSTRAP)
-
-
 def summarise(reports: list[dict]) -> dict:
-    per_task = [hits(r) for r in reports]
-    samples = bootstrap_average(per_task)
+    """Each method's average and per-task accuracy with bootstrap intervals, the target
+    (Arrow over MBC, or the best routed library there is) against the baselines, and every
+    method against the base model, paired."""
+    per_task = [stats.per_example(r) for r in reports]
+    samples = stats.bootstrap_average(per_task, scale=100)  # hit rates in %
     labels = [r["label"] for r in reports]
     summary = {"methods": {}, "paired": {}}
     for m, label in enumerate(labels):
         task_ci = {}
         for task, values in per_task[m].items():
-            one = bootstrap_average([{task: values}], seed=m)[:, 0]
+            one = stats.bootstrap_average([{task: values}], seed=m, scale=100)[:, 0]
             task_ci[task] = interval(one)
         summary["methods"][label] = {
             "average": reports[m]["average"]["accuracy"],
@@ -569,40 +584,16 @@ def summarise(reports: list[dict]) -> dict:
     return summary
 
 
-def fast_cpu_dtype() -> str:
-    """bf16 where the CPU has bf16 units (AVX-512 BF16 or AMX: about 2.7x faster training
-    here), else fp32: without them a bf16 matmul runs about 8x slower than fp32 (measured on
-    an AVX2-only EPYC). On a GPU, "auto" (bf16)."""
-    if torch.cuda.is_available():
-        return "auto"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
-
-
-def machine_name() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA), {cpu_name()}"
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
-
-
 # ---------------------------------------------------------------------------------- output
-def write(args, budget, reports, summary, clusters, timings, extra=(), similarity=None) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    machine = machine_name()
-    command = "python benchmarks/zero_shot.py " + " ".join(sys.argv[1:])
+def write(args, budget: Budget, reports: list[dict], summary: dict, clusters: dict,
+          timings: dict, record: dict, extra=(), similarity=None) -> None:
+    """results/zero_shot_<budget>.{json,md,png}; `record` is the run's provenance."""
     stem = args.results / f"zero_shot_{args.budget}"
-    args.results.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k not in ("routing",)} for r in reports]
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "commit": commit, "machine": machine, "budget": budget,
-         "train_tasks": train_tasks(budget),
-         "held_out": HELD_OUT[: budget["held_out"]], "clusters": clusters,
-         "timings_s": timings, "similarity": similarity, "summary": summary,
-         "reports": slim}, indent=1))
+    write_json(stem.with_suffix(".json"), {
+        **record, "budget": dataclasses.asdict(budget), "train_tasks": train_tasks(budget),
+        "held_out": HELD_OUT[: budget.held_out], "clusters": clusters, "timings_s": timings,
+        "similarity": similarity, "summary": summary, "reports": slim}, indent=1)
     _plot(summary, stem.with_suffix(".png"), args.budget)
 
     labels = list(summary["methods"])
@@ -610,17 +601,18 @@ def write(args, budget, reports, summary, clusters, timings, extra=(), similarit
     n = {t: reports[0]["tasks"][t]["examples"] for t in tasks}
     lines = [
         f"# Zero-shot reuse on held-out BIG-bench Lite tasks, budget `{args.budget}`", "",
-        f"`{command}` at commit `{commit}`, {machine}, torch {torch.__version__}; "
+        provenance_line(record),
         f"{timings['build'] / 60:.0f} min to build the libraries (summed over the runs that "
-        f"built them), {timings['evaluate'] / 60:.0f} min to evaluate (summed likewise).", "",
-        f"SmolLM2-135M-Instruct ({budget['dtype']}), LoRA r=4 on all linear layers. "
-        f"{budget['tasks']} training tasks; private experts {budget['private_steps']} steps, "
-        f"{clustered_libraries(budget)} experts ({budget['clusters']} clusters) "
-        f"{budget['cluster_steps']} steps, the shared expert {budget['shared_steps']} steps "
-        f"(batch {budget['batch']}, lr {budget['lr']:g}, at most {budget['max_length']} "
+        f"built them), {timings['evaluate'] / 60:.0f} min to evaluate (summed likewise). "
+        f"Plot: [`{stem.name}.png`]({stem.name}.png).", "",
+        f"SmolLM2-135M-Instruct ({budget.dtype}), LoRA r=4 on all linear layers. "
+        f"{budget.tasks} training tasks; private experts {budget.private_steps} steps, "
+        f"{clustered_libraries(budget)} experts ({budget.clusters} clusters) "
+        f"{budget.cluster_steps} steps, the shared expert {budget.shared_steps} steps "
+        f"(batch {budget.batch}, lr {budget.lr:g}, at most {budget.max_length} "
         f"tokens). Held out: {len(tasks)} BIG-bench Lite multiple-choice tasks, "
-        f"{sum(n.values())} examples: at most {budget['limit'] or 'all'} per task from its "
-        f"`{budget['split']}` split (a seeded sample); accuracy (%) by log-likelihood. "
+        f"{sum(n.values())} examples: at most {budget.limit or 'all'} per task from its "
+        f"`{budget.split}` split (a seeded sample); accuracy (%) by log-likelihood. "
         "Intervals: 95% bootstrap, examples resampled within tasks.", "",
         "| method | average | 95% interval | " + " | ".join(
             t.removeprefix("bigbench:") + f" (n={n[t]})" for t in tasks) + " |",
@@ -667,7 +659,7 @@ def write(args, budget, reports, summary, clusters, timings, extra=(), similarit
                   for label, (n, share) in routing.items()]
     lines += ["", "MBC clusters:", ""]
     lines += [f"- {name}: {', '.join(members)}" for name, members in clusters.items()]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -706,7 +698,7 @@ def _plot(summary: dict, path: Path, budget: str) -> None:
     plt.close(figure)
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
     parser.add_argument("--run", help="run folder (default runs/zero-shot-<budget>)")
@@ -722,25 +714,34 @@ def main() -> None:
                         "(private and the merges always; default: all of the budget's)")
     parser.add_argument("--build-only", action="store_true",
                         help="build (or finish) the libraries and stop")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override budget entries, e.g. --set private_steps=100 workers=4")
-    args = parser.parse_args()
-    budget = dict(BUDGETS[args.budget])
-    if budget["dtype"] == "fast":  # bf16 only where the CPU computes it fast
-        budget["dtype"] = fast_cpu_dtype()
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in budget and key not in ("workers", "cpus_per_job", "eval_workers"):
-            raise SystemExit(f"unknown budget entry {key!r}: {sorted(budget)}")
-        budget[key] = type(budget.get(key, 1))(value)
-    run = Path(args.run or f"runs/zero-shot-{args.budget}").absolute()
+    parser.add_argument("--set", nargs="*", default=[], type=budget_setting(Budget),
+                        metavar="KEY=VALUE", help="override budget fields, parsed by their "
+                        "type, e.g. --set private_steps=100 calibrate=false spaces=params,update")
+    return parser
+
+
+def budget_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Budget:
+    """The chosen budget with its `--set` and `--libraries` overrides; dtype "fast" resolved
+    on this machine."""
+    settings = list(args.set)
     if args.libraries:
-        budget["libraries"] = args.libraries.split(",")
+        settings.append(("libraries", tuple(args.libraries.split(","))))
+    budget = with_settings(parser, BUDGETS[args.budget], settings)
+    if budget.dtype == "fast":  # bf16 only where the CPU computes it fast
+        budget = dataclasses.replace(budget, dtype=fast_cpu_dtype())
+    return budget
+
+
+def main() -> None:
+    parser = make_parser()
+    args = parser.parse_args()
+    budget = budget_of(parser, args)
+    run = Path(args.run or f"runs/zero-shot-{args.budget}").absolute()
 
     from quiver.library import Library
     from quiver.models import load_base
 
-    model_and_tokenizer = load_base("smollm2-135m", dtype=budget["dtype"])
+    model_and_tokenizer = load_base("smollm2-135m", dtype=budget.dtype)
     started = time.perf_counter()
     names, made = build_libraries(run, budget, model_and_tokenizer)
     built = time.perf_counter()
@@ -754,8 +755,8 @@ def main() -> None:
         return
     specs = methods(names, budget)
     selection = None
-    if budget.get("select"):  # the transfer matrix first: it picks the oracle's experts
-        parts = evaluate_all(run, budget, selection_specs(names, budget.get("eval_workers", 1)),
+    if budget.select:  # the transfer matrix first: it picks the oracle's experts
+        parts = evaluate_all(run, budget, selection_specs(names, budget.eval_workers),
                              model_and_tokenizer)
         selection = merge_selection(parts)
         specs.append(oracle_spec(selection))
@@ -769,18 +770,18 @@ def main() -> None:
     test_transfer = None
     if selection is not None and args.test_transfer:  # does the selection's ranking hold?
         test_transfer = merge_selection(evaluate_all(
-            run, budget, selection_specs(names, budget.get("eval_workers", 1),
+            run, budget, selection_specs(names, budget.eval_workers,
                                          args.test_transfer), model_and_tokenizer))
     first_mbc = next((label for label in names if label.startswith("mbc")), None)
     clusters = (Library(str(run / first_mbc)).get_clusters("mbc") or ({}, {}))[0] \
         if first_mbc else {}
     similarity = expert_similarity(run, names["private"])
-    write(args, budget, reports, summarise(reports), clusters, timings, extra, similarity)
+    record = provenance()
+    write(args, budget, reports, summarise(reports), clusters, timings, record, extra,
+          similarity)
     if selection is not None:
-        from zero_shot_analysis import write_analysis
-
         write_analysis(args.results / f"zero_shot_{args.budget}", run, budget, names, reports,
-                       selection, test_transfer)
+                       selection, record, test_transfer)
 
 
 if __name__ == "__main__":

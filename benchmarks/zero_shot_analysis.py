@@ -1,5 +1,6 @@
-"""Why routing wins or not: the analysis `zero_shot.py` adds when its budget has a selection
-sample (`select`, the `large` budget).
+"""Why routing wins or not: the analysis benchmarks/zero_shot.py adds when its budget has a
+selection sample (`select`, the `large` budget). It reads reports and libraries only; it
+does not import zero_shot (which imports it).
 
 - Headroom: the oracle (for each held-out task, the private expert best on the selection
   sample, scored on the disjoint test examples) minus the uniform merge, paired. Near 0, no
@@ -21,12 +22,24 @@ Writes <stem>_analysis.{md,json}, <stem>_transfer.png and <stem>_mbc_spaces.png.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-from zero_shot import bootstrap_average, hits, interval
+
+from benchmarks import stats
+from benchmarks.common import provenance_line, write_json, write_text
+from benchmarks.stats import interval
+
+
+class Sizes(Protocol):
+    """What the analysis reads of a zero-shot budget."""
+
+    clusters: int  # MBC's k
+    select: int  # selection examples per held-out task
+    limit: int  # test examples per held-out task, after them
+
 
 SCORING = (("accuracy", "raw"), ("accuracy_norm", "per token"),
            ("accuracy_char_norm", "per character (lm-eval acc_norm)"),
@@ -48,18 +61,17 @@ def informative_tasks(selection: dict) -> dict[str, dict]:
 
 
 def paired(reports: dict[str, dict], first: str, second: str, tasks: list[str]) -> dict:
-    """first minus second on `tasks`: mean and paired 95% bootstrap interval."""
-    per_task = [{t: hits(reports[label])[t] for t in tasks} for label in (first, second)]
-    samples = bootstrap_average(per_task)
-    diff = samples[:, 0] - samples[:, 1]
-    return {"difference": float(diff.mean()), "ci": interval(diff)}
+    """first minus second on `tasks`: mean and paired 95% bootstrap interval (points)."""
+    first_hits, second_hits = (stats.per_example(reports[label]) for label in (first, second))
+    return stats.paired({t: first_hits[t] for t in tasks}, {t: second_hits[t] for t in tasks},
+                        scale=100)
 
 
 def averages(reports: dict[str, dict], tasks: list[str]) -> dict[str, dict]:
     """Each method's mean accuracy over `tasks` with its bootstrap interval."""
     labels = list(reports)
-    samples = bootstrap_average([{t: hits(reports[label])[t] for t in tasks}
-                                 for label in labels])
+    samples = stats.bootstrap_average([{t: stats.per_example(reports[label])[t] for t in tasks}
+                                       for label in labels], scale=100)
     return {label: {"average": float(np.mean([reports[label]["tasks"][t]["accuracy"]
                                               for t in tasks])),
                     "ci": interval(samples[:, m])} for m, label in enumerate(labels)}
@@ -119,12 +131,12 @@ def mbc_clustering(run: Path, names: list[str], k: int, space: str):
                            MBCConfig(k=k, space=space))
 
 
-def write_analysis(stem: Path, run: Path, budget: dict, names: dict[str, list[str]],
-                   reports: list[dict], selection: dict, test_transfer: dict | None = None
-                   ) -> dict:
-    """Compute everything of the module docstring, write the files, return the JSON.
-    With `test_transfer` (the experts' transfer matrix on test examples), also how well the
-    selection sample ranks the experts."""
+def write_analysis(stem: Path, run: Path, budget: Sizes, names: dict[str, list[str]],
+                   reports: list[dict], selection: dict, record: dict,
+                   test_transfer: dict | None = None) -> dict:
+    """Compute everything of the module docstring, write the files (with `record`'s
+    provenance), return the JSON. With `test_transfer` (the experts' transfer matrix on test
+    examples), also how well the selection sample ranks the experts."""
     by_label = {r["label"]: r for r in reports}
     tasks = list(reports[0]["tasks"])
     rule = informative_tasks(selection)
@@ -155,7 +167,7 @@ def write_analysis(stem: Path, run: Path, budget: dict, names: dict[str, list[st
     separation, params, update = expert_separation(run, names["private"])
     result["separation"] = separation
     for space in ("params", "update"):  # both spaces, whether or not their library was built
-        clustering = mbc_clustering(run, names["private"], budget["clusters"], space)
+        clustering = mbc_clustering(run, names["private"], budget.clusters, space)
         label = "mbc" if space == "params" else f"mbc-{space}"
         arrow, uniform = (("Arrow MBC", "uniform MBC") if space == "params" else
                           (f"Arrow MBC {space}", f"uniform MBC {space}"))
@@ -171,9 +183,10 @@ def write_analysis(stem: Path, run: Path, budget: dict, names: dict[str, list[st
     _transfer_plot(selection, rule, stem.with_name(stem.name + "_transfer.png"))
     _spaces_plot(names["private"], params, update, result["spaces"],
                  stem.with_name(stem.name + "_mbc_spaces.png"))
-    stem.with_name(stem.name + "_analysis.json").write_text(json.dumps(result, indent=1))
+    result = {**record, **result}  # provenance first
+    write_json(stem.with_name(stem.name + "_analysis.json"), result, indent=1)
     text = _markdown(result, by_label, tasks, labelled, selection, budget, stem.name)
-    stem.with_name(stem.name + "_analysis.md").write_text(text)
+    write_text(stem.with_name(stem.name + "_analysis.md"), text)
     print(text)
     return result
 
@@ -271,12 +284,13 @@ def _diff(d: dict) -> str:
 
 
 def _markdown(result: dict, by_label: dict, tasks: list[str], labelled: list[str],
-              selection: dict, budget: dict, stem: str) -> str:
+              selection: dict, budget: Sizes, stem: str) -> str:
     rule = result["informative"]
     lines = [f"# What routing can buy: headroom, scoring and MBC spaces (`{stem}`)", "",
-             f"Selection sample: the first {budget['select']} examples of each held-out "
+             provenance_line(result), "",
+             f"Selection sample: the first {budget.select} examples of each held-out "
              f"task's seeded `all` order; every method (and the oracle) is scored on up to "
-             f"{budget['limit']} examples after it. Intervals: paired 95% bootstrap.", "",
+             f"{budget.limit} examples after it. Intervals: paired 95% bootstrap.", "",
              "## Which tasks can say anything", "",
              "Rule, fixed before any method's test score: a task counts when the base model "
              "or some private expert beats chance on the selection sample by more than two "

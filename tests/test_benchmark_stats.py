@@ -1,18 +1,12 @@
-"""benchmarks/stats.py on hand-computed cases: paired bootstrap, intervals, the oracle's
-choice, chance agreement of clusters and routing shares."""
+"""benchmarks/stats.py on hand-computed cases: per-example values of a report, paired
+bootstrap, intervals, the oracle's choice, chance agreement of clusters and routing shares."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "stats", Path(__file__).resolve().parents[1] / "benchmarks" / "stats.py")
-stats = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stats)
+from benchmarks import stats
 
 
 def test_bootstrap_of_constant_values_is_their_average_over_tasks():
@@ -26,6 +20,36 @@ def test_bootstrap_of_constant_values_is_their_average_over_tasks():
     assert stats.paired_difference(samples, 1, 0) == {
         "difference": pytest.approx(0.25), "ci": (pytest.approx(0.25), pytest.approx(0.25)),
         "excludes_zero": True}
+
+
+def test_per_example_reads_one_metric_of_every_task_scaled():
+    report = {"tasks": {"a": {"per_example": {"accuracy": [1, 0, 1, 1], "score": [0.5] * 4}},
+                        "b": {"per_example": {"accuracy": [0, 0], "score": [1.0, 0.0]}}}}
+    hits = stats.per_example(report, scale=100)
+    assert list(hits) == ["a", "b"]
+    np.testing.assert_array_equal(hits["a"], [100, 0, 100, 100])
+    np.testing.assert_array_equal(hits["b"], [0, 0])
+    np.testing.assert_array_equal(stats.per_example(report, "score")["b"], [1.0, 0.0])
+
+
+def test_scaled_bootstrap_is_the_bootstrap_times_the_scale():
+    """The same draws (same seed), every value 100 times larger: hit rates in %."""
+    per_task = [{"a": np.array([1.0, 0.0, 1.0]), "b": np.array([0.0, 1.0])}]
+    plain = stats.bootstrap_average(per_task, draws=30, seed=4)
+    np.testing.assert_allclose(stats.bootstrap_average(per_task, draws=30, seed=4, scale=100),
+                               100 * plain)
+
+
+def test_paired_of_two_methods_is_their_difference_over_tasks():
+    """Task a: 1 against 0 on every example; task b: equal. Every draw: (100 + 0) / 2 = 50
+    points. The same values on both sides: exactly 0, an interval that touches 0."""
+    first = {"a": np.ones(5), "b": np.array([1.0, 0.0, 1.0])}
+    second = {"a": np.zeros(5), "b": np.array([1.0, 0.0, 1.0])}
+    assert stats.paired(first, second, scale=100) == {
+        "difference": pytest.approx(50), "ci": (pytest.approx(50), pytest.approx(50)),
+        "excludes_zero": True}
+    same = stats.paired(first, first)
+    assert same["difference"] == 0 and same["ci"] == (0, 0) and not same["excludes_zero"]
 
 
 def test_paired_draws_cancel_what_both_methods_share():

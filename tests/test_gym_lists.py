@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+from benchmarks import gym_lists as lists
 from quiver.data import gym
-
-_spec = importlib.util.spec_from_file_location(
-    "gym_lists", Path(__file__).resolve().parents[1] / "benchmarks" / "gym_lists.py")
-lists = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(lists)
 
 
 def _generator(name: str) -> str:

@@ -10,52 +10,34 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
+from benchmarks.local_server import ServerNotUp, free_port, wait_until_healthy, wait_until_idle
 from tests.conftest import SERVED_PROMPTS
 
 KEY = "test-key"
 TOKENS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _health(port: int) -> dict:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    connection.request("GET", "/health")
-    return json.loads(connection.getresponse().read())
-
-
 @pytest.fixture(scope="module")
 def server(served_library):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "QUIVER_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "quiver.cli", "serve", "--library", served_library.url,
          "--port", str(port), "--max-batch", "8", "--max-concurrent", "32",
          "--max-tokens", "256", "--max-prompt-tokens", "64"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            assert _health(port)["status"] == "ok"
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"the server did not start: {process.stderr.read().decode()}")
-            time.sleep(0.2)
+    try:
+        wait_until_healthy(port, process, timeout=120)
+    except ServerNotUp as err:
+        process.kill()
+        pytest.fail(f"{err}: {process.stderr.read().decode()}")
     yield port
     process.terminate()
     process.wait(timeout=30)
@@ -71,13 +53,6 @@ def expected(tiny, served_references):
     """The text of each (model, prompt) decoded greedily one request at a time."""
     return {combo: tiny[1].decode(tokens[:TOKENS])
             for combo, (tokens, _) in served_references.items()}
-
-
-def _wait_idle(port: int) -> dict:
-    deadline = time.monotonic() + 10
-    while (health := _health(port))["accepted"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return health
 
 
 def test_models_completions_and_chat(client, expected):
@@ -182,7 +157,7 @@ def test_full_server_answers_429_and_disconnects_free_slots(client, server):
         client.completions.create(model="base", prompt="Hi", max_tokens=1)
     for stream in streams:
         stream.close()
-    assert _wait_idle(server)["accepted"] == 0
+    assert wait_until_idle(server)["accepted"] == 0
 
 
 def test_load_300_requests_32_clients_some_cancelled(client, server, expected):
@@ -214,7 +189,7 @@ def test_load_300_requests_32_clients_some_cancelled(client, server, expected):
     assert len(answers) == 300 - len(range(3, 300, 7))
     wrong = [(combo, text) for combo, text in answers if text != expected[combo]]
     assert not wrong
-    health = _wait_idle(server)
+    health = wait_until_idle(server)
     assert health["status"] == "ok" and health["accepted"] == 0 and health["running"] == 0
 
 

@@ -7,14 +7,7 @@ any poisoned request that did not fail alone, or a traceback in the server's log
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location(
-    "soak", Path(__file__).parent.parent / "benchmarks" / "soak.py")
-soak = sys.modules["soak"] = importlib.util.module_from_spec(_spec)  # its dataclass needs it
-_spec.loader.exec_module(soak)
+from benchmarks import soak
 
 
 def test_short_soak_loses_nothing_and_poison_fails_alone(served_library, tmp_path):
