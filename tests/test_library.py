@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from quiver.errors import QuiverError
 from quiver.library import Expert, ExpertInfo, Library
-from quiver.library import store as store_module
+from quiver.library import storage as storage_module
 from quiver.models import load_base
 
 from .conftest import new_library
@@ -205,7 +205,7 @@ def test_bad_names_and_duplicates_are_refused(tiny_library, tmp_path):
 def test_an_interrupted_add_leaves_nothing(tiny_library, tmp_path, monkeypatch):
     library = _copy_library_with(tiny_library, tmp_path)
     calls = []
-    real_write = store_module._write_synced
+    real_write = storage_module._write_synced
 
     def fail_on_second_file(path, data):
         calls.append(path)
@@ -213,7 +213,7 @@ def test_an_interrupted_add_leaves_nothing(tiny_library, tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         real_write(path, data)
 
-    monkeypatch.setattr(store_module, "_write_synced", fail_on_second_file)
+    monkeypatch.setattr(storage_module, "_write_synced", fail_on_second_file)
     with pytest.raises(OSError):
         library.add(tiny_library.get("beta"))
     monkeypatch.undo()

@@ -24,6 +24,9 @@ from quiver.errors import QuiverError
 
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."  # the prefix PEFT gives module names in its state dicts
+ADAPTER_CONFIG = "adapter_config.json"  # the three files of an expert folder (see above)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MANIFEST = "quiver.json"
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 
 
