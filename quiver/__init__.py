@@ -1,26 +1,17 @@
-"""quiver: train, keep and reuse a library of LoRA experts (modular language models)."""
+"""quiver: train, keep and reuse a library of LoRA experts (modular language models).
 
-from quiver.data import Example, SplitConfig, Task, load_task
-from quiver.errors import QuiverError
-from quiver.library import Expert, ExpertInfo, Library
-from quiver.models import fingerprint, linear_module_shapes, load_base
-from quiver.reuse import reuse
-from quiver.training import TrainConfig, TrainResult, train_expert
+The names below are imported on first use (`quiver.lazy`): `import quiver` itself is quick.
+"""
 
-__all__ = [
-    "Example",
-    "Expert",
-    "ExpertInfo",
-    "Library",
-    "QuiverError",
-    "SplitConfig",
-    "Task",
-    "TrainConfig",
-    "TrainResult",
-    "fingerprint",
-    "linear_module_shapes",
-    "load_base",
-    "load_task",
-    "reuse",
-    "train_expert",
-]
+from quiver.lazy import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(["Example", "SplitConfig", "Task", "load_task"], "quiver.data"),
+    "QuiverError": "quiver.errors",
+    **dict.fromkeys(["Expert", "ExpertInfo", "Library"], "quiver.library"),
+    **dict.fromkeys(["fingerprint", "linear_module_shapes", "load_base"], "quiver.models"),
+    "reuse": "quiver.reuse",
+    **dict.fromkeys(["TrainConfig", "TrainResult", "train_expert"], "quiver.training"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

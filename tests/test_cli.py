@@ -196,3 +196,37 @@ def test_transfer_command(tiny_library, tmp_path):
                for row in report["values"].values())
     assert plot.stat().st_size > 5000
     assert "transfer matrix" in done.stdout and "alpha2" in done.stdout
+
+
+_HELP_OF_EVERY_COMMAND = """
+import sys
+import click, typer
+from quiver.cli import app
+
+def paths(group, prefix):
+    yield prefix
+    for name, command in getattr(group, "commands", {}).items():
+        yield from paths(command, prefix + [name])
+
+root = typer.main.get_command(app)
+helped = []
+for path in paths(root, []):
+    if path == ["lm-eval"]:  # hands its arguments, --help too, to lm-eval's own command line
+        continue
+    try:
+        root.main(path + ["--help"], prog_name="quiver", standalone_mode=False)
+    except SystemExit:
+        pass
+    helped.append(" ".join(path))
+heavy = [m for m in ("torch", "transformers", "peft", "numpy", "sklearn") if m in sys.modules]
+print(len(helped), heavy)
+"""
+
+
+def test_help_of_every_command_imports_no_torch():
+    """`quiver --help` and `quiver COMMAND --help` must not pay torch's start-up (seconds):
+    the CLI reads only config dataclasses, which import no torch, transformers or peft."""
+    out = subprocess.run([sys.executable, "-c", _HELP_OF_EVERY_COMMAND], capture_output=True,
+                         text=True, check=True).stdout.strip().splitlines()[-1]
+    count, heavy = out.split(" ", 1)
+    assert int(count) >= 20 and heavy == "[]", out  # 20+: the commands and their groups

@@ -1,96 +1,27 @@
-"""Trainable multi-task adapters: trained jointly on many tasks, stored as one library entry
-of their own kind (not a plain LoRA), with a row of parameters per training task. Poly and
-MHR: `poly_mhr`; MTL-LoRA: `mtl_lora`; what they share: `task_rows`."""
+"""Adapters the training loop trains, one method per module (as PEFT's `tuners/<method>/`):
 
-from __future__ import annotations
+- `lora`: a LoRA through PEFT (the library's plain experts);
+- `poly_mhr`: Poly and MHR, skills routed per task; `mtl_lora`: MTL-LoRA;
+- `task_rows`: what the multi-task ones share (a row of parameters per training task);
+- `config`: the multi-task configs; `registry`: their kinds by name; `protocol`: what the
+  training loop needs of any adapter.
 
-import dataclasses
+Names are imported on first use (`quiver.lazy`), so the configs load without torch.
+"""
 
-from quiver.adapters.mtl_lora import (
-    MTLLoRAAdapter,
-    MTLLoRAConfig,
-    MTLLoRALinear,
-    attach_mtl_lora,
-    load_mtl_lora,
-    task_lora,
-)
-from quiver.adapters.poly_mhr import (
-    PolyAdapter,
-    PolyLinear,
-    PolyMHRConfig,
-    attach_poly,
-    load_poly,
-    routing_weights,
-)
-from quiver.adapters.task_rows import TaskRowAdapter
-from quiver.config import from_dict, to_dict
-from quiver.errors import QuiverError
+from quiver.lazy import lazy_exports
 
-AdapterConfig = PolyMHRConfig | MTLLoRAConfig
-ADAPTERS = {"poly": PolyMHRConfig, "mtl-lora": MTLLoRAConfig}  # kind -> its config dataclass
-LOADERS = {"poly": load_poly, "mtl-lora": load_mtl_lora}  # kind -> attach a stored entry
-STRATEGIES = {"poly": PolyMHRConfig, "mhr": PolyMHRConfig, "mtl-lora": MTLLoRAConfig}
-
-
-def adapter_to_dict(spec: AdapterConfig) -> dict:
-    """A JSON-ready `{"kind", **fields}` of an adapter config (a build job ships this)."""
-    return {"kind": spec.kind, **to_dict(spec)}
-
-
-def adapter_from_dict(data: dict) -> AdapterConfig:
-    """The adapter config `adapter_to_dict` wrote.
-
-    Raises:
-        QuiverError: an unknown kind or field.
-    """
-    fields = dict(data)
-    kind = fields.pop("kind", None)
-    if kind not in ADAPTERS:
-        raise QuiverError(f"unknown adapter kind {kind!r}: use one of {sorted(ADAPTERS)}")
-    return from_dict(ADAPTERS[kind], fields)
-
-
-def adapter_for_strategy(strategy: str, configs: list[AdapterConfig]) -> AdapterConfig | None:
-    """The adapter config build `strategy` trains with, from those given (a default one when
-    none fits); None for the LoRA strategies. The CLI passes every adapter's config, so
-    options of another adapter than the strategy's are refused rather than ignored; a single
-    config given (the Python API) must be the strategy's.
-
-    Raises:
-        QuiverError: a config that differs from its defaults but is not the strategy's, or a
-            single config of another adapter.
-    """
-    wanted = STRATEGIES.get(strategy)
-    if len(configs) == 1 and wanted is not None and type(configs[0]) is not wanted:
-        raise QuiverError(f"--strategy {strategy} trains with a {wanted.__name__}, not a "
-                          f"{type(configs[0]).__name__}")  # one config given: it must fit
-    for config in configs:
-        if type(config) is not wanted and config != type(config)():
-            changed = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config)
-                       if getattr(config, f.name) != f.default]
-            raise QuiverError(f"{', '.join(changed)}: options of {config.kind} adapters, not "
-                              f"of --strategy {strategy}")
-    if wanted is None:
-        return None
-    chosen = next((c for c in configs if type(c) is wanted), wanted())
-    return chosen.for_strategy(strategy)
-
-
-def load_adapter(model, expert) -> TaskRowAdapter:
-    """Attach a stored multi-task entry to `model` for evaluation (by its kind); call
-    `set_task` before running the model and `remove()` after.
-
-    Raises:
-        QuiverError: a LoRA or unknown kind, or an entry that does not fit the model.
-    """
-    loader = LOADERS.get(expert.info.kind)
-    if loader is None:
-        raise QuiverError(f"expert {expert.name!r} is a {expert.info.kind} adapter, not a "
-                          f"multi-task one ({', '.join(sorted(LOADERS))})")
-    return loader(model, expert)
-
-
-__all__ = ["ADAPTERS", "AdapterConfig", "MTLLoRAAdapter", "MTLLoRAConfig", "MTLLoRALinear",
-           "PolyAdapter", "PolyLinear", "PolyMHRConfig", "TaskRowAdapter", "adapter_for_strategy",
-           "adapter_from_dict", "adapter_to_dict", "attach_mtl_lora", "attach_poly",
-           "load_adapter", "load_mtl_lora", "load_poly", "routing_weights", "task_lora"]
+_EXPORTS = {
+    **dict.fromkeys(["MTLLoRAConfig", "PolyMHRConfig"], "quiver.adapters.config"),
+    **dict.fromkeys(["ADAPTERS", "STRATEGIES", "AdapterConfig", "adapter_for_strategy",
+                     "adapter_from_dict", "adapter_to_dict", "load_adapter"],
+                    "quiver.adapters.registry"),
+    **dict.fromkeys(["MTLLoRAAdapter", "MTLLoRALinear", "attach_mtl_lora", "load_mtl_lora",
+                     "task_lora"], "quiver.adapters.mtl_lora"),
+    **dict.fromkeys(["PolyAdapter", "PolyLinear", "attach_poly", "load_poly",
+                     "routing_weights"], "quiver.adapters.poly_mhr"),
+    "TaskRowAdapter": "quiver.adapters.task_rows",
+    "LoraAdapter": "quiver.adapters.lora",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -29,11 +29,13 @@ each row (`ExpertInfo.tasks`, `lora["task_rows"]`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from quiver.adapters.config import MTL_LORA_KIND as KIND
+from quiver.adapters.config import MTLLoRAConfig
 from quiver.adapters.task_rows import (
     TaskRouting,
     TaskRowAdapter,
@@ -45,38 +47,7 @@ from quiver.errors import QuiverError
 from quiver.library.formats import MTL_LORA_KEY, MTL_LORA_PARTS, peft_config_json
 from quiver.models import layer_sizes, model_targets
 
-KIND = "mtl-lora"
 PEFT_TYPE = "MTL_LORA"  # quiver's own: PEFT cannot load it (export a task with `task_lora`)
-
-
-@dataclass
-class MTLLoRAConfig:
-    """MTL-LoRA's task-specific parts (the rank, alpha and dropout come from the training
-    config)."""
-
-    up_projections: int = field(default=3, metadata={
-        "help": "mtl-lora: shared up-projections B_i per layer n, mixed per task"})
-    mix_temperature: float = field(default=0.1, metadata={
-        "help": "mtl-lora: temperature tau of each task's softmax over the up-projections"})
-
-    def __post_init__(self) -> None:
-        if self.up_projections < 1:
-            raise ValueError("up_projections must be at least 1")
-        if self.mix_temperature <= 0:
-            raise ValueError("mix_temperature must be positive")
-
-    @property
-    def kind(self) -> str:
-        return KIND
-
-    def for_strategy(self, strategy: str) -> MTLLoRAConfig:
-        """This config, for build strategy `mtl-lora` (nothing to resolve)."""
-        return replace(self)
-
-    def attach(self, model: nn.Module, task_names: list[str], train_config) -> MTLLoRAAdapter:
-        """Fresh MTL-LoRA layers on `model` for training (see `attach_mtl_lora`)."""
-        return attach_mtl_lora(model, task_names, self, train_config.rank, train_config.alpha,
-                               train_config.dropout, tuple(train_config.target_modules))
 
 
 class MTLLoRALinear(nn.Module):

@@ -29,12 +29,13 @@ metadata names the task of each routing row (`ExpertInfo.tasks`, `lora["task_row
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.distributions import RelaxedBernoulli
 
+from quiver.adapters.config import POLY_KIND as KIND
+from quiver.adapters.config import PolyMHRConfig
 from quiver.adapters.task_rows import (
     TaskRouting,
     TaskRowAdapter,
@@ -46,50 +47,7 @@ from quiver.errors import QuiverError
 from quiver.library.formats import peft_config_json
 from quiver.models import layer_sizes, model_targets
 
-KIND = "poly"
-STRATEGY_HEADS = {"poly": 1, "mhr": 64}  # H when not given: Poly has one head; MHR's code 64
 _EPS = 1e-12  # the normalisation's guard against a head whose samples are all ~0
-
-
-@dataclass
-class PolyMHRConfig:
-    """Poly / MHR skills and routing (the LoRA rank, alpha and dropout of each skill come from
-    the training config)."""
-
-    skills: int = field(default=8, metadata={"help": "poly, mhr: skills (LoRAs) per layer S"})
-    heads: int = field(default=0, metadata={
-        "help": "mhr: routing heads H (A's input and B's output cut into H blocks, each "
-                "routed on its own); 0: 1 for poly, 64 for mhr"})
-    routing_lr: float = field(default=0.1, metadata={
-        "help": "poly, mhr: peak learning rate of the routing logits (skills use --lr)"})
-    routing_temperature: float = field(default=1.0, metadata={
-        "help": "poly, mhr: temperature of the relaxed Bernoulli routing while training"})
-
-    def __post_init__(self) -> None:
-        if self.skills < 1 or self.heads < 0:
-            raise ValueError("skills must be at least 1 and heads at least 0")
-        if self.routing_lr <= 0 or self.routing_temperature <= 0:
-            raise ValueError("routing_lr and routing_temperature must be positive")
-
-    @property
-    def kind(self) -> str:
-        return KIND
-
-    def for_strategy(self, strategy: str) -> PolyMHRConfig:
-        """This config with H resolved for `strategy` (poly or mhr).
-
-        Raises:
-            QuiverError: poly with more than one head.
-        """
-        heads = self.heads or STRATEGY_HEADS[strategy]
-        if strategy == "poly" and heads != 1:
-            raise QuiverError(f"poly has one routing head, not {heads}: use --strategy mhr")
-        return PolyMHRConfig(self.skills, heads, self.routing_lr, self.routing_temperature)
-
-    def attach(self, model: nn.Module, task_names: list[str], train_config) -> PolyAdapter:
-        """Fresh skills and routing on `model` for training (see `attach_poly`)."""
-        return attach_poly(model, task_names, self, train_config.rank, train_config.alpha,
-                           train_config.dropout, tuple(train_config.target_modules))
 
 
 def routing_weights(logits: torch.Tensor, training: bool, temperature: float = 1.0

@@ -1,9 +1,12 @@
 """Tasks: examples, splits, readers (reasoning-gym, BIG-bench, JSONL, Hugging Face datasets)
-and batching."""
+and batching. Names are imported on first use (`quiver.lazy`)."""
 
-from quiver.data.registry import TaskInfo, list_bigbench, list_gym, load_task
-from quiver.data.task import Example, SplitConfig, Task
+from quiver.lazy import lazy_exports
 
-__all__ = [
-    "Example", "SplitConfig", "Task", "TaskInfo", "list_bigbench", "list_gym", "load_task",
-]
+_EXPORTS = {
+    **dict.fromkeys(["TaskInfo", "list_bigbench", "list_gym", "load_task"],
+                    "quiver.data.registry"),
+    **dict.fromkeys(["Example", "SplitConfig", "Task"], "quiver.data.task"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -4,40 +4,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from quiver.data.task import SPLITS, Example, SplitConfig, Task
+from quiver.data.task import Example, SplitConfig, Task
 from quiver.errors import QuiverError
+from quiver.evaluation.config import EvalConfig
 from quiver.evaluation.metrics import exact_match, mean, rouge_l
 from quiver.evaluation.scoring import generate_answers, score_choices_batch
 from quiver.progress import counting_progress
-
-
-@dataclass
-class EvalConfig:
-    """Which examples to score and how."""
-
-    split: str = field(default="test", metadata={
-        "help": "train, valid, test, or all (every example: only for tasks no evaluated "
-                "expert trained on, unless --allow-seen)"})
-    limit: int = field(default=0, metadata={
-        "help": "examples per task, at most (0: all); a seeded sample, the same every run"})
-    skip: int = field(default=0, metadata={
-        "help": "examples of the split's seeded order passed over before the limit: "
-                "--skip 200 --limit 40 scores the next 40, disjoint from --limit 200"})
-    calibrate: bool = field(default=False, metadata={
-        "help": "multiple choice: also score each option against its log-probability after "
-                "a content-free prompt (one more pass per distinct option set)"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per batch"})
-    max_new_tokens: int = field(default=32, metadata={"help": "generation length, at most"})
-
-    def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"unknown split {self.split!r}")
-        if self.limit < 0 or self.skip < 0:
-            raise ValueError("limit and skip must be >= 0")
 
 
 def evaluate(

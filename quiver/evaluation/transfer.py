@@ -14,41 +14,15 @@ An expert is applied alone (the `uniform` router over one expert: W x + s B A x)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from quiver.data.batching import tokenize_example
 from quiver.data.task import SplitConfig, Task
 from quiver.errors import QuiverError
+from quiver.evaluation.config import TransferConfig
 from quiver.library import Library
 from quiver.library.expert import require_lora
 from quiver.progress import counting_progress
 
 BASE_ROW = "base"
-METRICS = ("loss", "accuracy")
-
-
-@dataclass
-class TransferConfig:
-    """What each cell of the transfer matrix measures."""
-
-    metric: str = field(default="loss", metadata={"help": "loss (mean target-token loss) or "
-                                                          "accuracy (MC accuracy / exact match)"})
-    split: str = field(default="valid", metadata={
-        "help": "train, valid, test, or all (every example, for tasks no expert saw)"})
-    limit: int = field(default=0, metadata={"help": "examples per task, at most (0: all)"})
-    skip: int = field(default=0, metadata={
-        "help": "examples of the split's seeded order passed over first (a disjoint sample)"})
-    batch_size: int = field(default=16, metadata={"help": "examples per forward pass"})
-    max_length: int = field(default=512, metadata={"help": "tokens per example (prompt cut)"})
-
-    def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}: use loss or accuracy")
-        if self.split not in ("train", "valid", "test", "all"):
-            raise ValueError(f"unknown split {self.split!r}")
-        if self.limit < 0 or self.skip < 0 or self.batch_size < 1 or self.max_length < 8:
-            raise ValueError("limit and skip must be >= 0, batch_size positive, max_length "
-                             "at least 8")
 
 
 def transfer_matrix(

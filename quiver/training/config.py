@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from quiver.data.task import SplitConfig
-from quiver.models import ALL_LINEAR
+from quiver.defaults import ALL_LINEAR
 
 CHECKPOINTING = ("auto", "on", "off")
 # How a step is run, not what it computes: left out of the key that matches a saved run to its

@@ -1,13 +1,13 @@
-"""Data derived from experts: Arrow prototypes, centroids, gates, MBC clusterings, ..."""
+"""Data derived from experts: Arrow prototypes, centroids, gates, MBC clusterings, ...
+Names are imported on first use (`quiver.lazy`); `config` imports no torch."""
 
-from quiver.transforms.arrow import expert_prototypes, library_prototypes, top_right_singular_vector
-from quiver.transforms.mbc import Clustering, MBCConfig, cluster_experts
+from quiver.lazy import lazy_exports
 
-__all__ = [
-    "Clustering",
-    "MBCConfig",
-    "cluster_experts",
-    "expert_prototypes",
-    "library_prototypes",
-    "top_right_singular_vector",
-]
+_EXPORTS = {
+    **dict.fromkeys(["expert_prototypes", "library_prototypes", "top_right_singular_vector"],
+                    "quiver.transforms.arrow"),
+    "MBCConfig": "quiver.transforms.config",
+    **dict.fromkeys(["Clustering", "cluster_experts"], "quiver.transforms.mbc"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
