@@ -41,7 +41,7 @@ import numpy as np
 from benchmarks import stats
 from benchmarks.common import (
     RESULTS,
-    budget_setting,
+    add_budget_options,
     fast_cpu_dtype,
     provenance,
     provenance_line,
@@ -507,14 +507,11 @@ def _plot(summary: dict, path: Path, budget: str) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
+    add_budget_options(parser, BUDGETS, "smoke", "limit=16 shots=16,64 fewshot_steps=6,10")
     parser.add_argument("--run", help="run folder (default runs/adaptation-<budget>)")
     parser.add_argument("--report-only", action="store_true",
                         help="train and score nothing: write the tables from what the run "
                              "folder holds (the tasks finished so far, said so if not all)")
-    parser.add_argument("--set", nargs="*", default=[], type=budget_setting(Budget),
-                        metavar="KEY=VALUE", help="override budget fields, parsed by their "
-                        "type, e.g. --set limit=16 shots=16,64 fewshot_steps=6,10")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="folder for the tables and the plot (default benchmarks/results)")
     return parser

@@ -216,6 +216,17 @@ def budget_setting(cls: type) -> Callable[[str], tuple[str, Any]]:
     return setting
 
 
+def add_budget_options(parser: argparse.ArgumentParser, budgets: dict[str, Any],
+                       default: str, example: str) -> None:
+    """`--budget NAME` (one of `budgets`) and `--set KEY=VALUE ...` typed by the budgets'
+    dataclass; `example` shows a few settings in the help."""
+    parser.add_argument("--budget", choices=sorted(budgets), default=default)
+    cls = type(next(iter(budgets.values())))
+    parser.add_argument("--set", nargs="*", default=[], type=budget_setting(cls),
+                        metavar="KEY=VALUE", help="override budget fields, each parsed by its "
+                        f"type, e.g. --set {example}")
+
+
 def with_settings(parser: argparse.ArgumentParser, budget: Budget,
                   settings: list[tuple[str, Any]]) -> Budget:
     """`budget` with the parsed `--set` values; a combination the budget refuses (its

@@ -44,7 +44,7 @@ import numpy as np
 from benchmarks import gym_lists, report_families, stats, zero_shot
 from benchmarks.common import (
     RESULTS,
-    budget_setting,
+    add_budget_options,
     provenance,
     record_time,
     with_settings,
@@ -332,15 +332,12 @@ def routing_shares(reports: list[dict], expert_families: dict[str, str],
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
+    add_budget_options(parser, BUDGETS, "smoke", "private_steps=100 limit=20")
     parser.add_argument("--run", help="run folder (default runs/families-<budget>)")
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite results/families_<budget>.md and its bar plot from "
                              "results/families_<budget>.json; nothing else runs")
-    parser.add_argument("--set", nargs="*", default=[], type=budget_setting(Budget),
-                        metavar="KEY=VALUE", help="override budget fields, parsed by their "
-                        "type, e.g. --set private_steps=100 limit=20")
     parser.add_argument("--results", type=Path, default=RESULTS)
     return parser
 

@@ -40,7 +40,7 @@ import torch
 from benchmarks import gym_lists, stats
 from benchmarks.common import (
     RESULTS,
-    budget_setting,
+    add_budget_options,
     fast_cpu_dtype,
     provenance,
     provenance_line,
@@ -700,7 +700,8 @@ def _plot(summary: dict, path: Path, budget: str) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
+    add_budget_options(parser, BUDGETS, "smoke",
+                       "private_steps=100 calibrate=false spaces=params,update")
     parser.add_argument("--run", help="run folder (default runs/zero-shot-<budget>)")
     parser.add_argument("--test-transfer", type=int, default=0, metavar="N",
                         help="with a selection sample: also score every private expert on the "
@@ -714,9 +715,6 @@ def make_parser() -> argparse.ArgumentParser:
                         "(private and the merges always; default: all of the budget's)")
     parser.add_argument("--build-only", action="store_true",
                         help="build (or finish) the libraries and stop")
-    parser.add_argument("--set", nargs="*", default=[], type=budget_setting(Budget),
-                        metavar="KEY=VALUE", help="override budget fields, parsed by their "
-                        "type, e.g. --set private_steps=100 calibrate=false spaces=params,update")
     return parser
 
 
