@@ -9,7 +9,7 @@ SPACES = ("params", "update")  # what MBC compares: the flattened (A, B), or the
 
 @dataclass
 class MBCConfig:
-    """How to cluster experts. Defaults follow the paper (design.md: MBC)."""
+    """How to cluster experts. Defaults follow the paper (docs/design.md: Clustering)."""
 
     k: int | str = field(metadata={"help": "number of clusters, or 'auto' (best silhouette)"})
     dims: int = field(default=64, metadata={"help": "truncated-SVD dimensions (at most E - 1)"})
