@@ -140,8 +140,8 @@ def evaluate_method_spec(run: Path, budget: Budget, spec: dict, tasks: list,
     methods are evaluated task by task, recording each expert's routing weight per layer."""
     from quiver.evaluation import EvalConfig, evaluate
     from quiver.library import Library
-    from quiver.reuse import recording_routing, reuse
     from quiver.routing import detach_experts
+    from quiver.zero_shot import recording_routing, reuse
 
     cache = run / "eval" / f"limit{budget.limit}-select{budget.select}" / (
         spec["label"].replace(" ", "-") + ".json")
@@ -212,8 +212,8 @@ def own_task_gains(run: Path, budget: Budget, names: list[str], model_and_tokeni
     from quiver.data import load_task
     from quiver.evaluation import EvalConfig, evaluate
     from quiver.library import Library
-    from quiver.reuse import reuse
     from quiver.routing import detach_experts
+    from quiver.zero_shot import reuse
 
     cache = run / "eval" / f"own{budget.own_limit}.json"
     if cache.exists():

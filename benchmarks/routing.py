@@ -104,7 +104,7 @@ def run_one(n_experts: int, library_dir: str, peft: bool, repeats: int, rounds: 
             device: str = "cpu") -> dict:
     from quiver.library import Library
     from quiver.models import load_base
-    from quiver.reuse import reuse
+    from quiver.zero_shot import reuse
 
     cuda = torch.device(device).type == "cuda"
     model, tokenizer = load_base("smollm2-135m", device=device)

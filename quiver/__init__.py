@@ -10,7 +10,7 @@ _EXPORTS = {
     "QuiverError": "quiver.errors",
     **dict.fromkeys(["Expert", "ExpertInfo", "Library"], "quiver.library"),
     **dict.fromkeys(["fingerprint", "linear_module_shapes", "load_base"], "quiver.models"),
-    "reuse": "quiver.reuse",
+    "reuse": "quiver.zero_shot",
     **dict.fromkeys(["TrainConfig", "TrainResult", "train_expert"], "quiver.training"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -173,7 +173,7 @@ class QuiverLM(TemplateLM):
         return library
 
     def _attach(self, library, top_k, temperature, gate_steps) -> list[str]:
-        from quiver.reuse import reuse
+        from quiver.zero_shot import reuse
 
         if library is None:
             return []

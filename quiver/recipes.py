@@ -114,7 +114,7 @@ def evaluate_method(
         QuiverError: unknown method, task or expert; a seen task; a library for another base.
     """
     from quiver.evaluation import EvalConfig, evaluate
-    from quiver.reuse import reuse, routing_context
+    from quiver.zero_shot import reuse, routing_context
 
     config = config or EvalConfig()
     tasks = [load_task(t) for t in task_names]
@@ -134,7 +134,7 @@ def evaluate_method(
     before_task, adapter = None, None
     if multitask is not None:
         from quiver.adapters import load_adapter
-        from quiver.reuse import check_same_base
+        from quiver.zero_shot import check_same_base
 
         check_same_base(model, library, names)
         adapter = load_adapter(model, multitask)
@@ -151,7 +151,7 @@ def evaluate_method(
     try:
         if routing_plot and method != "base":
             from quiver.report import routing_heatmap
-            from quiver.reuse import recording_routing
+            from quiver.zero_shot import recording_routing
 
             with recording_routing(model) as counts:
                 report = evaluate(model, tokenizer, tasks, config, before_task, show_progress)

@@ -297,8 +297,8 @@ SERVED_STEPS = 5
 def reference_generation(model, tokenizer, library, name: str, prompt: str):
     """(tokens, logits (steps, vocab)) of greedy decoding of one request alone: the bare
     model, or `quiver.reuse` with the named method or single expert."""
-    from quiver.reuse import reuse
     from quiver.routing import detach_experts
+    from quiver.zero_shot import reuse
 
     if name in ("arrow", "uniform"):
         reuse(model, library, method=name)

@@ -103,8 +103,8 @@ def test_training_with_default_targets_adapts_every_linear_layer(arch, caplog):
 def test_peft_round_trip_gives_peft_s_own_outputs(arch, tmp_path):
     from peft import PeftModel
 
-    from quiver.reuse import reuse
     from quiver.routing import detach_experts
+    from quiver.zero_shot import reuse
 
     _, _, model, tokenizer, library = arch
     ids = tokenizer(LONG_PROMPT, return_tensors="pt").input_ids
@@ -130,8 +130,8 @@ def test_peft_round_trip_gives_peft_s_own_outputs(arch, tmp_path):
 @pytest.mark.parametrize("method", ["arrow", "uniform"])
 def test_arrow_and_uniform_evaluate(arch, method):
     from quiver.evaluation import EvalConfig, evaluate
-    from quiver.reuse import reuse
     from quiver.routing import detach_experts
+    from quiver.zero_shot import reuse
 
     _, _, model, tokenizer, library = arch
     reuse(model, library, method=method, experts=["r0", "r1", "r2"], tokenizer=tokenizer)
@@ -145,9 +145,9 @@ def test_arrow_and_uniform_evaluate(arch, method):
 
 
 def test_mbc_and_merge(arch):
-    from quiver.reuse import reuse
     from quiver.routing import detach_experts
     from quiver.transforms.mbc import MBCConfig, cluster_experts
+    from quiver.zero_shot import reuse
 
     _, _, model, tokenizer, library = arch
     clustering = cluster_experts(library.experts(["r0", "r1", "r2"]), MBCConfig(k=2, dims=2))
@@ -180,9 +180,9 @@ def test_poly_and_mtl_lora_train(arch, adapter):
 
 
 def test_generate_matches_model_generate_and_serve_answers(arch):
-    from quiver.reuse import reuse
     from quiver.routing import detach_experts
     from quiver.serving import Engine, SamplingParams, serve_library
+    from quiver.zero_shot import reuse
 
     name, folder, _, tokenizer, library = arch
     model, _ = load_base(str(folder), device="cpu", dtype="fp32")  # its own, experts attached

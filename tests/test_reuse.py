@@ -9,9 +9,9 @@ import quiver
 from quiver.errors import QuiverError
 from quiver.evaluation import EvalConfig
 from quiver.recipes import evaluate_method
-from quiver.reuse import routing_context
 from quiver.routing import RoutedLinear, detach_experts
 from quiver.training import train_expert
+from quiver.zero_shot import routing_context
 
 from .conftest import QUICK, new_library
 

@@ -328,7 +328,7 @@ def test_spectr_routes_a_real_model_with_the_layer_s_own_factors(tiny, tiny_libr
 
 def test_recording_routing_counts_choices_or_sums_routing_weight(tiny, tiny_library):
     """Per layer, k choices per token, and routing weights that sum to 1 per token."""
-    from quiver.reuse import recording_routing
+    from quiver.zero_shot import recording_routing
 
     model, tokenizer = tiny
     ids = tokenizer("Repeat: apple 3\nAnswer:", return_tensors="pt").input_ids

@@ -44,8 +44,8 @@ def transfer_matrix(
         QuiverError: no tasks, an unknown expert, a task without examples in the split, or
             a library for another base model.
     """
-    from quiver.reuse import check_same_base, reuse
     from quiver.routing import detach_experts
+    from quiver.zero_shot import check_same_base, reuse
 
     if not tasks:
         raise QuiverError("no tasks to compute a transfer matrix on")

@@ -192,7 +192,7 @@ def serve_library(model: nn.Module, tokenizer, library: Library | None, top_k: i
     routes = {"base": Route(BASE)}
     if library is None or not library.names():
         return ServedModel(model, tokenizer, None, routes)
-    from quiver.reuse import check_same_base
+    from quiver.zero_shot import check_same_base
 
     names = [n for n in library.names() if library.get(n).info.kind == "lora"]
     if not names:

@@ -1,4 +1,4 @@
-"""`quiver.reuse`: a library's experts routed inside a base model, zero-shot.
+"""Zero-shot reuse of a library (`quiver.reuse`): its experts routed inside a base model.
 
     model = quiver.reuse(model, library, method="arrow", top_k=4)
     model.generate(...)                      # still the transformers model, now routed
