@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import quiver.library.storage as store
+import quiver.library.storage as storage
 import quiver.training as training
 from quiver.build import (
     BuildConfig,
@@ -61,7 +61,7 @@ def test_expert_names_are_short_valid_library_names():
     assert expert_name("hf:/data/flan/") == "flan"
     for task in ("bigbench:arithmetic/1_digit_addition", "jsonl:/x/.hidden.jsonl",
                  "jsonl:/x/é.jsonl"):
-        store.check_name(expert_name(task))
+        storage.check_name(expert_name(task))
 
 
 def test_two_tasks_that_would_share_an_expert_name_are_refused(tmp_path):
@@ -167,15 +167,15 @@ def test_a_failing_training_is_retried_once_then_reported_and_never_half_written
         tmp_path, monkeypatch):
     tasks = some_tasks(tmp_path / "tasks")
     lib = str(tmp_path / "lib")
-    real_write, failures = store._write_synced, []
+    real_write, failures = storage._write_synced, []
 
     def disk_full_for_upper(path, data):  # fails the add's last write: the manifest
-        if path.endswith(store.MANIFEST) and b'"name": "upper"' in data:
+        if path.endswith(storage.MANIFEST) and b'"name": "upper"' in data:
             failures.append(path)
             raise OSError(28, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(store, "_write_synced", disk_full_for_upper)
+    monkeypatch.setattr(storage, "_write_synced", disk_full_for_upper)
     report = build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(workers=1),
                            show_progress=False)
     outcome = {o.name: o for o in report.outcomes}
@@ -187,7 +187,7 @@ def test_a_failing_training_is_retried_once_then_reported_and_never_half_written
     assert not os.path.exists(os.path.join(lib, "experts", "upper")) and not leftovers(lib)
     assert Library(lib).run_state("upper").read() is not None  # the retry resumes from it
 
-    monkeypatch.setattr(store, "_write_synced", real_write)  # the disk has room again
+    monkeypatch.setattr(storage, "_write_synced", real_write)  # the disk has room again
     report = build_library(tasks, lib, "tiny-llama", FAST, BuildConfig(workers=1),
                            show_progress=False)
     assert [o.status for o in report.outcomes] == ["skipped", "trained", "skipped"]
